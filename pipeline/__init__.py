@@ -1,0 +1,8 @@
+"""Ingestion and batching for recurrent language models.
+
+Importing this package is light: only torch and numpy. ``pipeline.prepare`` (the
+ingestion stage, which needs ``datasets`` and ``tokenizers``) is imported on demand.
+"""
+from pipeline.collate import PackedBatch
+
+__all__ = ["PackedBatch"]

@@ -1,0 +1,98 @@
+"""Reading prepared data: memory-mapped Arrow, no ``datasets`` or network needed.
+
+``pipeline.prepare`` writes one folder per split with ``Dataset.save_to_disk``: Arrow
+IPC stream files plus ``state.json`` naming them. Those files are readable by
+``datasets.load_from_disk`` *and* by plain pyarrow, which is all this module uses, so a
+GPU machine with only torch + pyarrow can train.
+
+Each row holds ``input_ids`` (``<bos> tokens <eos>``, uint16 or int32) and ``length``
+(the number of ids). The model predicts ``length - 1`` tokens per row.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The ``manifest.json`` of a prepared folder.
+
+    Raises:
+        UserError: the folder is missing or holds no (readable) manifest.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} is not a prepared dataset (no {MANIFEST}); run python -m pipeline.prepare first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt: {e}") from None
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """One split of a prepared folder, memory-mapped.
+
+    ``dataset[i]`` is a read-only numpy view of row ``i``'s ids (no copy);
+    ``dataset.lengths`` is the length column, all a sampler needs. Pickling (DataLoader
+    workers under spawn) sends only the path: each worker maps the same files, so the
+    page cache is shared and nothing is copied per worker.
+
+    Args:
+        folder: the ``data.output`` folder written by ``pipeline.prepare``.
+        split: ``train``, ``validation`` or ``test``.
+    """
+
+    def __init__(self, folder: str | Path, split: str) -> None:
+        self.folder, self.split = Path(folder), split
+        self._open()
+
+    def _open(self) -> None:
+        split_dir = self.folder / self.split
+        state = split_dir / "state.json"
+        if not state.is_file():
+            have = sorted(p.name for p in self.folder.iterdir() if (p / "state.json").is_file()) if self.folder.is_dir() else []
+            raise UserError(f"{self.folder} has no {self.split!r} split (has: {', '.join(have) or 'none'})")
+        files = [split_dir / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+        self._values: list[np.ndarray] = []  # flat ids of each record batch, memory-mapped
+        starts, lengths = [], []
+        for f in files:
+            # nanoGPT's memmap habit: map the file, let the page cache do the rest
+            table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()
+            for chunk, length in zip(table.column("input_ids").chunks, table.column("length").chunks):
+                self._values.append(chunk.values.to_numpy(zero_copy_only=True))
+                starts.append(chunk.offsets.to_numpy()[:-1].astype(np.int64))
+                lengths.append(length.to_numpy())
+        self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self.lengths: np.ndarray = (np.concatenate(lengths) if lengths else np.zeros(0, np.int32)).astype(np.int64)
+        self._chunk_ends = np.cumsum([len(s) for s in starts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} sequences")
+        i = int(i) % len(self)
+        c = int(np.searchsorted(self._chunk_ends, i, side="right"))
+        start = self._starts[i]
+        return self._values[c][start : start + self.lengths[i]]
+
+    @property
+    def num_tokens(self) -> int:
+        """Predicted tokens: every id after ``<bos>`` (the perplexity denominator)."""
+        return int(self.lengths.sum() - len(self.lengths))
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.folder, self.split = state["folder"], state["split"]
+        self._open()

@@ -72,7 +72,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, Path
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
-            child = node.setdefault(p, {})
+            child = node.get(p)
+            if child is None:  # absent, or an empty section (``data:`` with nothing under it)
+                child = node[p] = {}
             if not isinstance(child, dict):
                 raise UserError(f"override {key}: {p} is a value, not a section")
             node = child
@@ -87,7 +89,8 @@ def _source_precedence(raw: dict, keys: list[str]) -> None:
     kinds = {"hub": ("hub", "name", "revision"), "dir": ("dir",), "files": ("files",)}
     if not chosen & kinds.keys():
         return
-    source = raw.get("data", {}).get("source")
+    data = raw.get("data")
+    source = data.get("source") if isinstance(data, dict) else None
     if isinstance(source, dict):
         for kind, names in kinds.items():
             if kind not in chosen:

@@ -76,6 +76,8 @@ def _local_splits(cfg: DataConfig) -> dict[str, _LocalSplit]:
                 found[split] = files
     out = {}
     for split, files in found.items():
+        if all(f.stat().st_size == 0 for f in files):  # datasets' own message for this is cryptic
+            raise UserError(f"empty corpus: the {split} split's {'files are' if len(files) > 1 else 'file is'} empty ({', '.join(map(str, files))})")
         kinds = {_BUILDERS.get(f.suffix) for f in files}
         if None in kinds:
             bad = next(f for f in files if f.suffix not in _BUILDERS)

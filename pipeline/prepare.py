@@ -228,7 +228,7 @@ def _build_tokenizer(cfg: DataConfig, train, text_column: str, quiet: bool = Fal
     def batches():
         # streamed from the memory-mapped train split: never one giant Python string
         for start in range(0, len(train), cfg.batch_size):
-            yield train[start : start + cfg.batch_size][text_column]
+            yield [t if t is not None else "" for t in train[start : start + cfg.batch_size][text_column]]
 
     n = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     it = tqdm(batches(), total=n, desc=f"train {tc.kind} tokenizer", unit="batch", disable=True if quiet else None)
@@ -430,6 +430,8 @@ def _build(cfg: DataConfig, local: dict | None, tmp: Path, sources: list[dict], 
     for split, ds in splits.items():
         if col not in ds.column_names:
             raise UserError(f"{split} split has no column {col!r} (columns: {', '.join(ds.column_names)}); set data.text_column")
+        if getattr(ds.features[col], "dtype", None) not in ("string", "large_string"):
+            raise UserError(f"{split} split: column {col!r} holds {ds.features[col]}, not text; set data.text_column")
     if "validation" not in splits:
         parts = splits["train"].train_test_split(test_size=cfg.holdout, seed=cfg.seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]

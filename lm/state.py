@@ -52,7 +52,9 @@ def to_torch(state: State | None) -> Tensor | tuple[Tensor, Tensor] | None:
     """The ``hx`` argument ``nn.GRU`` / ``nn.RNN`` (a tensor) or ``nn.LSTM`` (a pair) wants."""
     if state is None:
         return None
-    return state[0] if len(state) == 1 else tuple(state)
+    # narrow() leaves views with a stride over layers; cuDNN wants dense hx (no-op if dense).
+    state = tuple(s.contiguous() for s in state)
+    return state[0] if len(state) == 1 else state
 
 
 def from_torch(hx: Tensor | tuple[Tensor, ...]) -> State:

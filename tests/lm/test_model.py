@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence, pad_sequence
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence, pad_sequence
 
 from lm import state as st
 from lm.model import RNNLM, RNNEncoder, _sequence_rows
 from pipeline.collate import PackedBatch
 
 CELLS = ["gru", "lstm", "rnn"]
+
 V = 23
 # Deliberately not sorted by length, so the caller's order differs from the packed order.
 SEQS = [
@@ -21,6 +22,16 @@ SEQS = [
     [1, 3],
     [1, 10, 14, 2, 2, 6],
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add sync overhead, and on a loaded
+    2-core machine spinning workers made a 0.3 s test take 15 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_batch(seqs: list[list[int]]) -> PackedBatch:

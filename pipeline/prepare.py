@@ -16,6 +16,7 @@ import argparse
 import codecs
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -433,6 +434,12 @@ def _build(cfg: DataConfig, local: dict | None, tmp: Path, sources: list[dict], 
         if getattr(ds.features[col], "dtype", None) not in ("string", "large_string"):
             raise UserError(f"{split} split: column {col!r} holds {ds.features[col]}, not text; set data.text_column")
     if "validation" not in splits:
+        n = len(splits["train"])
+        if n - math.ceil(cfg.holdout * n) < 1:  # datasets' train_test_split would raise ValueError
+            raise UserError(
+                f"the train split has {n} sequence{'s' if n != 1 else ''}: too few to hold out data.holdout={cfg.holdout} "
+                "as validation; add a validation file (valid.txt) or lower data.holdout"
+            )
         parts = splits["train"].train_test_split(test_size=cfg.holdout, seed=cfg.seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
         say(f"no validation split: held out {len(splits['validation']):,} train sequences ({cfg.holdout:.0%}, seed {cfg.seed})")

@@ -1,0 +1,265 @@
+"""BucketBatchSampler: exact plans, invariants over many configurations, resume, DataLoader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.sampling import BucketBatchSampler
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+# Sweep (longest first, ties by index): 3(8) 8(7) 0(5) 9(4) 1(3) 2(3) 5(2) 6(2) 7(2) 4(1)
+LENS = [5, 3, 3, 8, 1, 2, 2, 2, 7, 4]
+
+
+def all_ranks(lengths, num_replicas, **kw) -> list[list[list[int]]]:
+    return [BucketBatchSampler(lengths, num_replicas=num_replicas, rank=r, **kw).plan() for r in range(num_replicas)]
+
+
+# ---------------------------------------------------------------- exact plans
+
+
+def test_unshuffled_plan_is_the_length_sorted_sweep():
+    s = BucketBatchSampler(LENS, batch_size=3, shuffle=False)
+    assert s.plan() == [[3, 8, 0], [9, 1, 2], [5, 6, 7], [4]]
+    assert len(s) == 4
+    assert list(s) == s.plan()
+
+
+def test_unshuffled_drop_last_drops_the_remainder():
+    s = BucketBatchSampler(LENS, batch_size=3, shuffle=False, drop_last=True)
+    assert s.plan() == [[3, 8, 0], [9, 1, 2], [5, 6, 7]]
+    assert len(s) == 3
+
+
+def test_shuffled_plans_exact_per_epoch():
+    # Pinned values: the plan is a pure function of (lengths, seed, epoch, rank).
+    s = BucketBatchSampler(LENS, batch_size=3, seed=0)
+    assert s.plan(0) == [[3, 8, 0], [6], [7, 5, 4], [9, 2, 1]]
+    assert s.plan(1) == [[6, 5, 4], [1, 2, 7], [3, 8, 0], [9]]
+    assert BucketBatchSampler(LENS, batch_size=3, seed=0).plan(1) == s.plan(1)  # pure: a new instance agrees
+    d = BucketBatchSampler(LENS, batch_size=3, seed=0, drop_last=True)
+    assert d.plan(0) == [[3, 8, 0], [7, 5, 4], [9, 2, 1]]  # the remainder [6] sat in slot 1 in epoch 0 ...
+    assert d.plan(1) == [[6, 5, 4], [3, 8, 0], [1, 2, 7]]  # ... and [9] in slot 3 in epoch 1
+
+
+def test_token_budget_cuts_exact():
+    # unpadded: sum of lengths <= 10 -> [8] [7] [5,4] [3,3,2,2] [2,1]
+    assert BucketBatchSampler(LENS, max_tokens=10, shuffle=False).plan() == [[3], [8], [0, 9], [1, 2, 5, 6], [7, 4]]
+    # padded: rows x longest <= 10 -> [8] [7] [5,4] [3,3,2] [2,2,1]
+    s = BucketBatchSampler(LENS, max_tokens=10, cost="padded", shuffle=False)
+    assert s.plan() == [[3], [8], [0, 9], [1, 2, 5], [6, 7, 4]]
+    # both limits: at most 2 rows as well
+    s = BucketBatchSampler(LENS, max_tokens=10, batch_size=2, shuffle=False)
+    assert s.plan() == [[3], [8], [0, 9], [1, 2], [5, 6], [7, 4]]
+
+
+def test_replicas_split_the_largest_batches_and_deal_round_robin():
+    # 4 batches for 3 ranks -> split [3,8,0] and then [9,1,2] (most rows, earliest first):
+    # [3,8] [0] [9,1] [2] [5,6,7] [4], dealt r, r+3.
+    assert all_ranks(LENS, 3, batch_size=3, shuffle=False) == [
+        [[3, 8], [2]],
+        [[0], [5, 6, 7]],
+        [[9, 1], [4]],
+    ]
+    # drop_last: the remainder [4] goes, then 3 batches deal one each.
+    assert all_ranks(LENS, 3, batch_size=3, shuffle=False, drop_last=True) == [[[3, 8, 0]], [[9, 1, 2]], [[5, 6, 7]]]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_sequence_over_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"sequence 3 has 8 tokens, more than max_tokens=7"):
+        BucketBatchSampler(LENS, max_tokens=7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lengths=[3, 2], batch_size=1, num_replicas=3), "cannot give 3 replicas the same number of batches"),
+        (dict(lengths=[3, 2], batch_size=4, num_replicas=3, drop_last=True), "leaves no batch for 3 replica"),
+        (dict(lengths=[3, 0, 2], batch_size=2), "length < 1"),
+        (dict(lengths=[], batch_size=2), "empty"),
+        (dict(lengths=[1.5, 2.0], batch_size=2), "integers"),
+        (dict(lengths=[3, 2]), "batch_size, max_tokens, or both"),
+        (dict(lengths=[3, 2], batch_size=2, cost="dense"), "cost must be"),
+        (dict(lengths=[3, 2], batch_size=2, num_replicas=2, rank=2), "rank"),
+    ],
+)
+def test_bad_configurations_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BucketBatchSampler(kwargs.pop("lengths"), **kwargs)
+
+
+# -------------------------------------------------------------- invariants
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=120),
+    limit=st.one_of(
+        st.tuples(st.integers(1, 9), st.none()),
+        st.tuples(st.none(), st.integers(40, 200)),
+        st.tuples(st.integers(1, 9), st.integers(40, 200)),
+    ),
+    cost=st.sampled_from(["unpadded", "padded"]),
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+    world=st.integers(1, 8),
+    seed=st.integers(0, 3),
+    epoch=st.integers(0, 3),
+)
+def test_invariants(lengths, limit, cost, shuffle, drop_last, world, seed, epoch):
+    batch_size, max_tokens = limit
+    kw = dict(batch_size=batch_size, max_tokens=max_tokens, cost=cost, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    try:
+        samplers = [BucketBatchSampler(lengths, num_replicas=world, rank=r, **kw) for r in range(world)]
+    except ValueError as e:  # only when equal shares are impossible
+        if drop_last:
+            assert "leaves no batch" in str(e)
+        else:
+            assert "cannot give" in str(e)
+            # splitting to a multiple of `world` needs at least that many sequences
+            nb = len(BucketBatchSampler(lengths, **kw))
+            assert len(lengths) < -(-nb // world) * world
+        return
+    L = np.asarray(lengths)
+    plans = []
+    for s in samplers:
+        s.set_epoch(epoch)
+        plan = list(s)
+        assert plan == s.plan(epoch)
+        assert len(plan) == len(s) >= 1  # every rank the same, exact count
+        plans.append(plan)
+    seen = [i for plan in plans for b in plan for i in b]
+    assert len(seen) == len(set(seen))  # no duplicates, on any rank
+    if not drop_last:
+        assert sorted(seen) == list(range(len(L)))  # every index exactly once
+    for b in (b for plan in plans for b in plan):
+        assert b and list(L[b]) == sorted(L[b], reverse=True)  # longest first inside a batch
+        if batch_size:
+            assert len(b) <= batch_size
+        if max_tokens:
+            assert (L[b].sum() if cost == "unpadded" else len(b) * L[b].max()) <= max_tokens
+    assert len({len(p) for p in plans}) == 1
+
+
+def test_epochs_differ_and_unshuffled_is_fixed():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 30, 500)
+    s = BucketBatchSampler(lengths, batch_size=8, seed=3)
+    plans = [s.plan(e) for e in range(4)]
+    assert all(plans[i] != plans[j] for i in range(4) for j in range(i))
+    # batch composition changes too, not just the order
+    assert {tuple(b) for b in plans[0]} != {tuple(b) for b in plans[1]}
+    assert BucketBatchSampler(lengths, batch_size=8, seed=4).plan(0) != plans[0]
+    u = BucketBatchSampler(lengths, batch_size=8, shuffle=False)
+    flat = [i for b in u.plan(0) for i in b]
+    assert flat == np.argsort(-lengths, kind="stable").tolist()
+    assert u.plan(0) == u.plan(5)
+
+
+def test_len_is_the_same_every_epoch_with_a_budget():
+    lengths = np.random.default_rng(2).integers(1, 50, 300)
+    s = BucketBatchSampler(lengths, max_tokens=120, num_replicas=3, rank=1)
+    assert {len(s.plan(e)) for e in range(5)} == {len(s)}
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_resume_mid_epoch_gives_the_identical_remaining_batches():
+    lengths = np.random.default_rng(3).integers(1, 30, 200)
+    kw = dict(batch_size=7, seed=11, num_replicas=2, rank=1)
+    a = BucketBatchSampler(lengths, **kw)
+    a.set_epoch(2)
+    it = iter(a)
+    head = [next(it) for _ in range(5)]
+    state = a.state_dict()
+    assert state["epoch"] == 2 and state["position"] == 5
+    rest = list(it)
+
+    b = BucketBatchSampler(lengths, **kw)
+    b.load_state_dict(state)
+    b.set_epoch(2)  # what a trainer's epoch loop does: same epoch keeps the position
+    assert b.position == 5
+    assert list(b) == rest
+    assert head + rest == a.plan(2)
+    assert list(b) == a.plan(2)  # the next pass of the same epoch starts from the top
+
+
+def test_state_after_a_full_epoch_resumes_into_an_empty_pass():
+    s = BucketBatchSampler(LENS, batch_size=3, seed=0)
+    assert len(list(s)) == 4
+    state = s.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 4)
+    t = BucketBatchSampler(LENS, batch_size=3, seed=0)
+    t.load_state_dict(state)
+    assert list(t) == []
+    t.set_epoch(1)
+    assert t.position == 0 and list(t) == s.plan(1)
+
+
+def test_state_must_match_the_sampler():
+    state = BucketBatchSampler(LENS, batch_size=3, seed=0).state_dict()
+    for other in (dict(batch_size=4, seed=0), dict(batch_size=3, seed=1)):
+        with pytest.raises(ValueError, match="does not match"):
+            BucketBatchSampler(LENS, **other).load_state_dict(state)
+    with pytest.raises(ValueError, match="does not match"):
+        BucketBatchSampler(LENS[::-1], batch_size=3, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"batches_consumed must be in \[0, 4\]"):
+        BucketBatchSampler(LENS, batch_size=3).state_dict(batches_consumed=5)
+
+
+class _Indices(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def test_prefetching_loader_resumes_from_batches_consumed():
+    lengths = np.random.default_rng(4).integers(1, 30, 120)
+    sampler = BucketBatchSampler(lengths, batch_size=5, seed=7)
+    loader = DataLoader(_Indices(len(lengths)), batch_sampler=sampler, num_workers=2, collate_fn=list, prefetch_factor=2)
+    consumed = []
+    for batch in loader:
+        consumed.append(batch)
+        if len(consumed) == 6:
+            break
+    assert sampler.position > 6  # the workers drew ahead of what training consumed
+    state = sampler.state_dict(batches_consumed=len(consumed))
+    del loader
+
+    resumed = BucketBatchSampler(lengths, batch_size=5, seed=7)
+    resumed.load_state_dict(state)
+    assert consumed + list(resumed) == sampler.plan(0)
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "wikitext-2" / "train.txt").is_file(), reason=f"no {DATA}/wikitext-2/train.txt")
+def test_padding_efficiency_on_wikitext2():
+    with open(DATA / "wikitext-2" / "train.txt", encoding="utf-8") as f:
+        lengths = np.array([len(line.split()) + 2 for line in f])  # <bos> words <eos>
+    assert lengths.size == 36718
+    s = BucketBatchSampler(lengths, batch_size=32, seed=0)
+    for epoch in range(3):
+        plan = s.plan(epoch)
+        real = sum(int(lengths[b].sum()) for b in plan)
+        padded = sum(len(b) * int(lengths[b].max()) for b in plan)
+        assert real == lengths.sum()
+        assert real / padded >= 0.99, (epoch, real / padded)

@@ -3,6 +3,7 @@
 Importing this package is light: only torch and numpy. ``pipeline.prepare`` (the
 ingestion stage, which needs ``datasets`` and ``tokenizers``) is imported on demand.
 """
-from pipeline.collate import PackedBatch
+from pipeline.collate import PackedBatch, PackedCollator, PadCollator, PaddedBatch
+from pipeline.sampling import BucketBatchSampler
 
-__all__ = ["PackedBatch"]
+__all__ = ["BucketBatchSampler", "PackedBatch", "PackedCollator", "PadCollator", "PaddedBatch"]

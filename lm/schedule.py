@@ -1,0 +1,64 @@
+"""Schedules as pure functions of the step: learning rate and teacher-forcing ratio.
+
+Being functions of the step (plus the plateau state, saved in checkpoints), both are
+restored exactly on resume.
+"""
+from __future__ import annotations
+
+import math
+
+from lm.config import TeacherForcingConfig, TrainConfig
+
+
+def teacher_forcing_ratio(cfg: TeacherForcingConfig, step: int) -> float:
+    """Probability of feeding the ground-truth token at training step ``step`` (0-based)."""
+    if cfg.schedule == "constant":
+        p = cfg.start
+    elif cfg.schedule == "linear":
+        p = cfg.start - (cfg.start - cfg.end) * min(step / cfg.decay_steps, 1.0)
+    elif cfg.schedule == "exponential":
+        p = cfg.start * cfg.k**step
+    else:  # inverse sigmoid, Bengio et al. 2015: k / (k + exp(i / k))
+        p = cfg.k / (cfg.k + math.exp(min(step / cfg.k, 700.0)))
+    return max(cfg.end, p) if cfg.schedule != "constant" else p
+
+
+class LRSchedule:
+    """Learning rate per step: linear warmup, then cosine / plateau / constant.
+
+    ``plateau``: the base rate is multiplied by ``plateau_factor`` after each validation
+    that does not improve on the best so far (pytorch/examples anneals SGD this way).
+    ``cosine``: from the base rate down to ``min_lr`` at ``total_steps``.
+
+    Args:
+        cfg: the ``train:`` section.
+        total_steps: the run's length in steps; needed by ``cosine`` only.
+    """
+
+    def __init__(self, cfg: TrainConfig, total_steps: int | None) -> None:
+        self.cfg, self.total_steps = cfg, total_steps
+        self.base = cfg.lr
+        self.best = math.inf
+
+    def __call__(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return self.base * (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine" and self.total_steps:
+            span = max(1, self.total_steps - cfg.warmup_steps)
+            progress = min(1.0, (step - cfg.warmup_steps) / span)
+            return cfg.min_lr + (self.base - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.base
+
+    def on_validation(self, loss: float) -> None:
+        """Anneal on a plateau (no-op for the other schedules; the best is tracked anyway)."""
+        if loss < self.best:
+            self.best = loss
+        elif self.cfg.schedule == "plateau":
+            self.base = max(self.cfg.min_lr, self.base * self.cfg.plateau_factor)
+
+    def state_dict(self) -> dict:
+        return {"base": self.base, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base, self.best = float(state["base"]), float(state["best"])

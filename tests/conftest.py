@@ -1,0 +1,71 @@
+"""Shared fixtures: the real corpora in ../shared/data (skipped when absent), a tiny-recipe
+factory, and WikiText-2 prepared once per session for every test that needs real data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def _corpus(name: str) -> Path:
+    folder = DATA_DIR / name
+    if not (folder / "train.txt").is_file():
+        pytest.skip(f"{folder}/train.txt is absent (the real corpora live in ../shared/data, see its README.md)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (may be absent: use the corpus fixtures, which skip)."""
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def wikitext2() -> Path:
+    """``../shared/data/wikitext-2`` (train.txt, valid.txt, test.txt); skips when absent."""
+    return _corpus("wikitext-2")
+
+
+@pytest.fixture(scope="session")
+def ptb() -> Path:
+    """``../shared/data/ptb`` (Mikolov's Penn Treebank); skips when absent."""
+    return _corpus("ptb")
+
+
+@pytest.fixture(scope="session")
+def wikitext2_prepared(wikitext2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """WikiText-2 through ``recipes/wikitext.yaml`` with local files: the prepared folder.
+
+    Built once per session (about 4 s); treat it as read-only.
+    """
+    from pipeline.config import load_data_config
+    from pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("wikitext2") / "prepared"
+    cfg = load_data_config(REPO_ROOT / "recipes" / "wikitext.yaml", [f"data.source.dir={wikitext2}", f"data.output={out}"])
+    prepare(cfg, quiet=True)
+    return out
+
+
+@pytest.fixture
+def data_cfg(tmp_path: Path):
+    """Factory: a validated ``DataConfig`` the way the CLI builds one (recipe file + overrides).
+
+    ``data_cfg(*overrides, **data)`` writes ``tmp_path/recipe.yaml`` holding
+    ``data: {source: {dir: src}, output: out, **data}`` (relative paths, so they resolve
+    against ``tmp_path``) and loads it with the dotted ``overrides``. Put the corpus in
+    ``tmp_path / "src"``.
+    """
+    from pipeline.config import load_data_config
+
+    def make(*overrides: str, **data):
+        section = {"source": {"dir": "src"}, "output": "out", **data}
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"data": section}))
+        return load_data_config(recipe, list(overrides))
+
+    return make

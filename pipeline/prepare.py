@@ -503,9 +503,9 @@ def summary_table(manifest: dict) -> str:
         rows.append((split, f"{s['sequences']:,}", f"{s['tokens']:,}", f"{100 * s['unk_rate']:.2f}", str(L["p50"]), str(L["p95"]), str(L["max"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    notes = [f"{s[k]:,} {k}" for s in manifest["splits"].values() for k in ("split", "truncated", "dropped") if s[k]]
+    notes = [f"{name} {s[k]:,} {k}" for name, s in manifest["splits"].items() for k in ("split", "truncated", "dropped") if s[k]]
     tail = f"vocab_size {manifest['vocab_size']:,} ({manifest['tokenizer']['kind']}), {manifest.get('elapsed_s', 0):.1f} s"
-    return "\n".join(lines + ([f"over max_len: {', '.join(notes)}"] if notes else []) + [tail])
+    return "\n".join(lines + ([f"sequences over max_len={manifest['data']['max_len']}: {', '.join(notes)}"] if notes else []) + [tail])
 
 
 @cli

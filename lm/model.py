@@ -152,6 +152,7 @@ class RNNLM(nn.Module):
 
     @property
     def adaptive(self) -> bool:
+        """Whether the output layer is an adaptive softmax (no logits, log-probs instead)."""
         return isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss)
 
     def _init_weights(self, pad_id: int | None) -> None:

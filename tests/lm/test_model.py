@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence, pad_sequence
+from torch.nn.utils.rnn import pad_packed_sequence, pad_sequence
 
 from lm import state as st
 from lm.model import RNNLM, RNNEncoder, _sequence_rows
-from pipeline.collate import PackedBatch
+from pipeline.collate import PackedBatch, PackedCollator
 
 CELLS = ["gru", "lstm", "rnn"]
-
 V = 23
 # Deliberately not sorted by length, so the caller's order differs from the packed order.
 SEQS = [
@@ -35,11 +34,8 @@ def _one_thread():
 
 
 def make_batch(seqs: list[list[int]]) -> PackedBatch:
-    """What the collator makes: inputs seq[:-1], targets seq[1:], packed longest-first."""
-    ts = [torch.tensor(s) for s in seqs]
-    inputs = pack_sequence([t[:-1] for t in ts], enforce_sorted=False)
-    targets = pack_sequence([t[1:] for t in ts], enforce_sorted=False)
-    return PackedBatch(inputs, targets, torch.tensor([len(s) - 1 for s in seqs]), inputs.sorted_indices)
+    """Inputs seq[:-1], targets seq[1:], packed longest-first: the collator shifts, not the model."""
+    return PackedCollator()(seqs)
 
 
 def make_model(cell: str, seed: int = 0, **kw) -> RNNLM:
@@ -58,16 +54,20 @@ def test_sequence_rows_exact():
     assert _sequence_rows(torch.tensor([3, 3, 2, 1])).tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0]
 
 
+EQUAL = [[1, 4, 6, 2], [1, 7, 9, 3], [1, 5, 5, 5]]  # the collator's equal-length (transpose) path
+
+
+@pytest.mark.parametrize("seqs", [SEQS, EQUAL], ids=["ragged", "equal"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_packed_forward_equals_padded_forward(cell):
+def test_packed_forward_equals_padded_forward(cell, seqs):
     model = make_model(cell).eval()
-    batch = make_batch(SEQS)
+    batch = make_batch(seqs)
     out = model(batch)
-    padded = pad_sequence([torch.tensor(s[:-1]) for s in SEQS], batch_first=True)  # (B, L)
+    padded = pad_sequence([torch.tensor(s[:-1]) for s in seqs], batch_first=True)  # (B, L)
     rnn_out, _ = model.rnn(model.embed(padded).transpose(0, 1))  # (L, B, H), padding included
     ref = model.head(rnn_out)  # (L, B, V)
     got = unpack(out.logits, batch)  # (L, B, V)
-    for b, s in enumerate(SEQS):
+    for b, s in enumerate(seqs):
         n = len(s) - 1
         torch.testing.assert_close(got[:n, b], ref[:n, b], atol=1e-6, rtol=1e-5)
         assert torch.equal(got[n:, b], torch.zeros_like(got[n:, b]))

@@ -52,15 +52,18 @@ def wikitext2_prepared(wikitext2: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture
-def data_cfg(tmp_path: Path):
+def data_cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Factory: a validated ``DataConfig`` the way the CLI builds one (recipe file + overrides).
 
     ``data_cfg(*overrides, **data)`` writes ``tmp_path/recipe.yaml`` holding
-    ``data: {source: {dir: src}, output: out, **data}`` (relative paths, so they resolve
-    against ``tmp_path``) and loads it with the dotted ``overrides``. Put the corpus in
+    ``data: {source: {dir: src}, output: out, **data}`` and loads it with the dotted
+    ``overrides``. The test runs in ``tmp_path``, so relative paths — the recipe's and the
+    overrides' alike — land there, never in the repository. Put the corpus in
     ``tmp_path / "src"``.
     """
     from pipeline.config import load_data_config
+
+    monkeypatch.chdir(tmp_path)
 
     def make(*overrides: str, **data):
         section = {"source": {"dir": "src"}, "output": "out", **data}

@@ -243,9 +243,13 @@ def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
     """
     cfg = recipe.train
     d = _init_distributed(cfg.device)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(recipe, d, argv)
     finally:
+        for s, h in handlers.items():  # _Stop's handlers must not outlive the run (notebooks, tests)
+            if h is not None:
+                signal.signal(s, h)
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

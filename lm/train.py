@@ -470,7 +470,8 @@ class _Metrics:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
+                # significant digits, not decimals: a 1e-7 warmup lr must not log as 0.0
+                f.write(json.dumps({k: (float(f"{v:.10g}") if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
 
 
 def _log_train(metrics, bar, window, p: Progress, lr, tf, grad_norm, start, d: Dist) -> None:

@@ -112,6 +112,33 @@ def test_every_input_form_gives_the_same_batch(shift):
         assert torch.equal(b.lengths, want.lengths) and torch.equal(b.indices, want.indices), name
 
 
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        [4, 4, 4, 4, 4],  # one run: transpose
+        [3, 6, 3, 6, 3],  # two runs: block copies
+        [2, 7, 5, 7, 2, 5],  # three
+        [3, 5, 3, 9, 4, 4, 9, 5],  # four
+        [9, 8, 7, 6, 5, 4, 3, 2],  # eight: index gather
+    ],
+)
+def test_every_packing_path_matches_torch(lengths, shift):
+    rng = np.random.default_rng(sum(lengths))
+    seqs = [rng.integers(1, 60000, n).tolist() for n in lengths]
+    batch = PackedCollator(shift=shift)([np.asarray(s, dtype=np.uint16) for s in seqs])
+    order = batch.indices.tolist()
+    assert order == sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable, longest first
+    ref_in = reference([seqs[i][: len(seqs[i]) - shift] for i in order])
+    assert torch.equal(batch.inputs.data, ref_in.data)
+    assert torch.equal(batch.inputs.batch_sizes, ref_in.batch_sizes)
+    if shift:
+        ref_tgt = reference([seqs[i][1:] for i in order])
+        assert torch.equal(batch.targets.data, ref_tgt.data)
+        assert batch.targets.batch_sizes is batch.inputs.batch_sizes
+    assert batch.lengths.tolist() == [n - shift for n in lengths]
+
+
 sequences = st.lists(st.lists(st.integers(1, 60000), min_size=1, max_size=12), min_size=1, max_size=10)
 
 

@@ -136,7 +136,6 @@ class BucketBatchSampler(Sampler[list[int]]):
         # radix sort (~0.1 s for 2M sequences instead of ~0.25 s).
         longest = int(lens.max())
         self._key = (longest - lens).astype(np.uint16 if longest < 1 << 16 else np.int64)
-        self._sorted_lengths = np.sort(lens)[::-1]  # (n,) the sweep's lengths, whatever the tie-breaking
         self._fixed_cuts = None if max_tokens is None else self._greedy_cuts()
         self._num_batches = self._count_batches()  # per rank; raises if ranks cannot be equal
         self._fingerprint = zlib.crc32(lens.tobytes())
@@ -150,7 +149,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def _greedy_cuts(self) -> np.ndarray:
         """Batch boundaries of the token-budget sweep: (nb + 1,) positions, 0 first, n last."""
         # One step per batch (not per sequence): the greedy cut is inherently sequential.
-        L = self._sorted_lengths
+        L = np.sort(self.lengths)[::-1]  # (n,) the sweep's lengths, whatever the tie-breaking
         n, cap, rows = L.size, self.max_tokens, self.batch_size or L.size
         cuts, s = [0], 0
         if self.cost == "unpadded":
@@ -172,9 +171,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         full, rem = divmod(n, b)
         sizes = np.full(full + (rem > 0), b, dtype=np.int64)
         if rem:
-            slot = int(rng.integers(full + 1)) if rng is not None else full
-            sizes[slot:] = np.roll(sizes[slot:], 1)
-            sizes[slot] = rem
+            sizes[int(rng.integers(full + 1)) if rng is not None else full] = rem
         return np.concatenate(([0], np.cumsum(sizes)))
 
     def _split_to_multiple(self, cuts: np.ndarray) -> np.ndarray:
@@ -192,7 +189,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         heapq.heapify(heap)  # most rows first, then earliest in the sweep
         new = []
         for _ in range(need):
-            rows, s, e = heapq.heappop(heap)
+            _, s, e = heapq.heappop(heap)
             mid = s + (e - s + 1) // 2
             new.append(mid)
             heapq.heappush(heap, (-(mid - s), s, mid))

@@ -76,7 +76,8 @@ def _init_distributed(device_name: str) -> Dist:
     cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(d.local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # all_sum reduces CPU tensors, which NCCL alone cannot: gloo takes those, NCCL the CUDA ones
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return d
 
 

@@ -386,7 +386,7 @@ class PadCollator:
         lens, _, longest = _lengths(seqs, self.shift, "PadCollator")
         flat = _concat(seqs, sum(lens)).astype(np.int64, copy=False)
         full = np.array(lens, dtype=np.int64)  # (B,)
-        steps = full - self.shift  # (B,) this is THE place targets are shifted
+        steps = full - self.shift  # (B,) the same shift as PackedCollator: this module is the only place it happens
         T = longest - self.shift
         if self.pad_to_multiple_of:
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of

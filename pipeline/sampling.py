@@ -7,8 +7,8 @@ length column. This module imports only torch and numpy.
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 import zlib
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -39,8 +39,8 @@ class BucketBatchSampler(Sampler[list[int]]):
        closes before the sequence that would push its cost over ``max_tokens`` (or its
        rows over ``batch_size`` if that is given too). ``cost="unpadded"`` is the sum of
        lengths (what a packed RNN and its softmax compute); ``cost="padded"`` is rows x
-       longest (what a padded model computes). These cuts depend on the sorted
-       lengths only, not on seed or epoch.
+       longest (what a padded model computes). Apart from the remainder's slot, cuts
+       depend on the sorted lengths only, so the batch count is the same every epoch.
     3. **Equal count per rank** (an unequal count hangs DDP). If the number of batches
        does not divide by ``num_replicas``: ``drop_last=False`` splits the batch with
        the most rows (ties: the one earliest in the sweep) into halves (the first

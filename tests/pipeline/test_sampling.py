@@ -232,7 +232,7 @@ class _Indices(Dataset):
 def test_prefetching_loader_resumes_from_batches_consumed():
     lengths = np.random.default_rng(4).integers(1, 30, 120)
     sampler = BucketBatchSampler(lengths, batch_size=5, seed=7)
-    loader = DataLoader(_Indices(len(lengths)), batch_sampler=sampler, num_workers=2, collate_fn=list, prefetch_factor=2)
+    loader = DataLoader(_Indices(len(lengths)), batch_sampler=sampler, num_workers=2, collate_fn=list)
     consumed = []
     for batch in loader:
         consumed.append(batch)

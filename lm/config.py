@@ -40,6 +40,15 @@ class ModelConfig:
         for name in ("dropout_emb", "dropout_rnn", "dropout_out"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.adaptive_cutoffs is not None:
+            c = self.adaptive_cutoffs
+            if not c or any(b <= a for a, b in zip(c, c[1:])) or c[0] < 1:
+                raise ValueError(f"adaptive_cutoffs={c}: must be increasing positive ids")
+            if self.hidden_size // 4 ** len(c) < 1:  # nn.AdaptiveLogSoftmaxWithLoss shrinks each tail by 4
+                raise ValueError(f"adaptive_cutoffs={c}: hidden_size={self.hidden_size} is too small for "
+                                 f"{len(c)} tail clusters (needs >= {4 ** len(c)})")
+            if self.tie_weights:
+                raise ValueError("tie_weights=true cannot be combined with adaptive_cutoffs")
         if self.tie_weights and self.embed_dim != self.hidden_size:
             raise ValueError(
                 f"tie_weights=true needs embed_dim == hidden_size (got embed_dim={self.embed_dim}, "

@@ -14,6 +14,7 @@ DDP, evaluation sums are reduced across ranks, and only rank 0 logs and writes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -67,6 +68,14 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
         return t.tolist()
+
+    def all_gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def _init_distributed(device_name: str) -> Dist:
@@ -395,6 +404,7 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
         done = reason is not None
         save(reason or "epoch")
     bar.close()
+    _check_replicas(model, d)
 
     if reason == "signal":
         name = signal.Signals(stop.signum).name
@@ -423,6 +433,26 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
             _plot(out_dir)
         print(json.dumps(result), file=sys.stderr)
     return result
+
+
+def _check_replicas(model: torch.nn.Module, d: Dist) -> None:
+    """Check once, at the end of training, that DDP kept every rank's weights identical.
+
+    Only rank 0 writes, so a rank that drifted (a decision taken on local data, a
+    non-deterministic collective) would otherwise go unnoticed.
+
+    Raises:
+        RuntimeError: the ranks' weights differ (a bug, not a user error).
+    """
+    if d.world == 1:
+        return
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    digests = d.all_gather(h.hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"DDP replicas diverged: weight digests per rank differ ({', '.join(x[:12] for x in digests)})")
 
 
 def _out_of_time(cfg, start: float) -> bool:

@@ -1,0 +1,254 @@
+"""The bad-input matrix: every mistake a user can make with ``pipeline.prepare``,
+``lm.train`` and ``lm.generate`` ends with exit code 2 and one ``error: ...`` line on
+stderr — no traceback — and writes nothing (every file under the test's folder keeps
+its name, size and mtime; no output folder appears).
+
+``CASES`` is the table; README's "When something is wrong" lists the same rows. Most
+rows call the CLI's ``main`` in-process (it is wrapped by ``pipeline.errors.cli`` exactly
+as ``python -m`` runs it); the ``subprocess`` rows run the real command, concurrently.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import lm.generate
+import lm.train
+import pipeline.prepare
+from lm.config import load
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_fixtures():
+    """tests/lm/conftest.py (the toy corpus and recipe writers): not a package, so by path."""
+    spec = importlib.util.spec_from_file_location("_lm_toy_fixtures", Path(__file__).parent / "lm" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+toy = _toy_fixtures()
+
+
+@dataclass
+class World:
+    """Everything the rows point at, in one folder that must not change."""
+
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # world.corpus -> root/corpus, etc.
+        return self.root / name
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    from pipeline.config import DataConfig, from_dict
+    from pipeline.prepare import prepare
+
+    w = World(tmp_path_factory.mktemp("errors"))
+    toy.write_toy_corpus(w.corpus)
+    toy.write_toy_corpus(w.other_corpus, train=60, valid=10, test=0, seed=1)  # other words, other ids
+    for corpus, out in ((w.corpus, w.prepared), (w.other_corpus, w.other_prepared)):
+        prepare(from_dict(DataConfig, toy.toy_data_section(corpus, out), "data", w.root), quiet=True)
+    # a finished 3-step run: step-00000003.pt and best.pt
+    run = toy.write_recipe(w.root, w.corpus, w.prepared, "run", train={"epochs": None, "max_steps": 3})
+    lm.train.run(load(run))
+    # recipes that point at the good data, with one mistake each
+    (w.root / "bad_yaml.yaml").write_text("data:\n  source:\n    dir: corpus\n  output: [prepared\nmodel: {}\n")
+    toy.write_recipe(w.root, w.corpus, w.prepared, "typo", train={"max_step": 5})
+    toy.write_recipe(w.root, w.corpus, w.prepared, "wrong_type", model={"hidden_size": "big"})
+    # broken corpora
+    w.empty.mkdir()
+    (w.empty / "train.txt").write_bytes(b"")
+    toy.write_toy_corpus(w.latin1, valid=0, test=0)
+    lines = (w.latin1 / "train.txt").read_bytes().split(b"\n")
+    lines[41] = b"the caf\xe9 sees the dog ."  # latin-1, not UTF-8: line 42
+    (w.latin1 / "train.txt").write_bytes(b"\n".join(lines))
+    # damaged checkpoints (with their checksum files, as a copy would bring them)
+    ck = w.run / "checkpoints"
+    for name in ("flipped", "truncated", "bare"):
+        shutil.copy(ck / "step-00000003.pt", w.root / f"{name}.pt")
+        shutil.copy(ck / "step-00000003.pt.sha256", w.root / f"{name}.pt.sha256")
+    data = bytearray((w.root / "flipped.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (w.root / "flipped.pt").write_bytes(bytes(data))
+    for name in ("truncated", "bare"):
+        (w.root / f"{name}.pt").write_bytes(data[: len(data) // 3])
+    (w.root / "bare.pt.sha256").unlink()  # no checksum: torch.load itself finds the damage
+    return w
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Case:
+    id: str
+    tool: str  # prepare | train | generate
+    args: Callable[[World], list[str]]
+    message: str  # regex the error line must match (after "error: ")
+    after_prepare: bool = False  # lm.train got past data preparation: a "cache hit" line may come first
+    subprocess: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.tool}-{self.id}"
+
+
+def R(name: str) -> Callable[[World], str]:
+    return lambda w: str(w.root / name)
+
+
+def _ok(w: World) -> str:  # a good recipe whose outputs would land in the world folder
+    return str(w.root / "run.yaml")
+
+
+def _fresh(w: World) -> list[str]:  # ...redirected to folders that must not appear
+    return [f"data.output={w.root / 'new_prepared'}", f"train.output_dir={w.root / 'new_run'}"]
+
+
+def _data_to(w: World) -> list[str]:
+    return [f"data.output={w.root / 'new_prepared'}"]
+
+
+CASES = [
+    # ---------------------------------------------------------------- pipeline.prepare
+    Case("missing-recipe", "prepare", lambda w: [R("nope.yaml")(w)], r"recipe not found: .*nope\.yaml$"),
+    Case("yaml-syntax", "prepare", lambda w: [R("bad_yaml.yaml")(w)],
+         r"bad_yaml\.yaml:5:6: YAML syntax error: expected ',' or ']', but got ':'$",
+         subprocess=True),
+    Case("unknown-key", "prepare", lambda w: [_ok(w), "data.tokenizer.knd=bpe", *_data_to(w)],
+         r"unknown key data\.tokenizer\.knd — did you mean data\.tokenizer\.kind\?$"),
+    Case("wrong-type", "prepare", lambda w: [_ok(w), "data.max_len=abc", *_data_to(w)],
+         r"^data\.max_len=abc: expected int \| null$"),
+    Case("missing-folder", "prepare", lambda w: [_ok(w), f"data.source.dir={w.root / 'nope'}", *_data_to(w)],
+         r"data\.source\.dir: no such folder: .*nope$"),
+    Case("missing-file", "prepare", lambda w: [_ok(w), f"data.source.files.train={w.root / 'nope.txt'}", *_data_to(w)],
+         r"data\.source\.files\.train: no such file: .*nope\.txt$"),
+    Case("empty-corpus", "prepare", lambda w: [_ok(w), f"data.source.dir={w.empty}", *_data_to(w)],
+         r"^empty corpus: the train split's file is empty \(.*train\.txt\)$"),
+    Case("invalid-utf8", "prepare", lambda w: [_ok(w), f"data.source.dir={w.latin1}", *_data_to(w)],
+         r"latin1/train\.txt:42: invalid UTF-8 \(byte 0xe9 at column 8\); fix the file or set data\.errors=replace$"),
+    Case("max-len-1", "prepare", lambda w: [_ok(w), "data.max_len=1", *_data_to(w)],
+         r"^data\.max_len=1: a sequence needs at least 2 ids"),
+    # ---------------------------------------------------------------- lm.train
+    Case("missing-recipe", "train", lambda w: [R("nope.yaml")(w)], r"recipe not found: .*nope\.yaml$"),
+    Case("yaml-syntax", "train", lambda w: [R("bad_yaml.yaml")(w)], r"bad_yaml\.yaml:5:6: YAML syntax error: "),
+    Case("unknown-key", "train", lambda w: [R("typo.yaml")(w)], r"^unknown key train\.max_step — did you mean train\.max_steps\?$"),
+    Case("wrong-type", "train", lambda w: [R("wrong_type.yaml")(w)], r"^model\.hidden_size='big': expected int$"),
+    Case("wrong-type-override", "train", lambda w: [_ok(w), "train.max_steps=ten", *_fresh(w)],
+         r"^train\.max_steps=ten: expected int \| null$"),
+    Case("missing-folder", "train", lambda w: [_ok(w), f"data.source.dir={w.root / 'nope'}", *_fresh(w)],
+         r"data\.source\.dir: no such folder: .*nope$"),
+    Case("empty-corpus", "train", lambda w: [_ok(w), f"data.source.dir={w.empty}", *_fresh(w)], r"^empty corpus: "),
+    Case("invalid-utf8", "train", lambda w: [_ok(w), f"data.source.dir={w.latin1}", *_fresh(w)],
+         r"latin1/train\.txt:42: invalid UTF-8 \(byte 0xe9 at column 8\)"),
+    Case("other-tokenizer", "train",
+         lambda w: [_ok(w), f"data.source.dir={w.other_corpus}", f"data.output={w.other_prepared}",
+                    f"train.output_dir={w.root / 'new_run'}", f"train.resume={w.run / 'checkpoints' / 'step-00000003.pt'}"],
+         r"step-00000003\.pt was trained with another tokenizer/vocabulary than the prepared data in .*other_prepared; "
+         r"resume with the same data, or start a new train\.output_dir$", after_prepare=True),
+    Case("other-model-shape", "train", lambda w: [_ok(w), "train.resume=auto", "model.hidden_size=12"],
+         r"step-00000003\.pt does not fit this recipe's model/data: size mismatch for rnn\.weight_ih_l0: copying a param "
+         r"with shape torch\.Size\(\[48, 16\]\) from checkpoint, the shape in current model is torch\.Size\(\[36, 16\]\)\.$",
+         after_prepare=True),
+    Case("corrupt-checkpoint", "train", lambda w: [_ok(w), f"train.resume={w.root / 'truncated.pt'}", *_fresh(w)[1:]],
+         r"truncated\.pt is corrupt or truncated \(checksum mismatch\)$", after_prepare=True),
+    Case("max-len-1", "train", lambda w: [_ok(w), "data.max_len=1", *_fresh(w)], r"^data\.max_len=1: a sequence needs at least 2 ids"),
+    Case("max-tokens-3", "train", lambda w: [_ok(w), "train.max_tokens=3", *_fresh(w)[1:]],
+         r"^train\.max_tokens=3 is smaller than the longest train sequence \(14 ids\); raise it, or cap sequences with data\.max_len$",
+         after_prepare=True, subprocess=True),
+    Case("no-gpu", "train", lambda w: [_ok(w), "train.device=cuda", *_fresh(w)],
+         r"^train\.device=cuda but no CUDA GPU is available \(use train\.device=auto or cpu\)$", subprocess=True),
+    # ---------------------------------------------------------------- lm.generate
+    Case("missing-checkpoint", "generate", lambda w: [R("nope.pt")(w), "--prompt", "the"], r"^checkpoint not found: .*nope\.pt$"),
+    Case("corrupt-checkpoint", "generate", lambda w: [R("flipped.pt")(w), "--prompt", "the"],
+         r"flipped\.pt is corrupt or truncated \(checksum mismatch\)$", subprocess=True),
+    Case("truncated-checkpoint", "generate", lambda w: [R("bare.pt")(w), "--prompt", "the"],
+         r"bare\.pt is not a readable checkpoint \("),
+    Case("not-a-checkpoint", "generate", lambda w: [R("run.yaml")(w), "--prompt", "the"], r"run\.yaml is not a readable checkpoint"),
+    Case("max-new-tokens-0", "generate", lambda w: [str(w.run / "checkpoints" / "best.pt"), "--prompt", "the", "--max-new-tokens", "0"],
+         r"^--max-new-tokens=0: must be >= 1$"),
+    Case("no-gpu", "generate", lambda w: [str(w.run / "checkpoints" / "best.pt"), "--prompt", "the", "--device", "cuda"],
+         r"^--device=cuda but no CUDA GPU is available$", subprocess=True),
+]
+MAINS = {"prepare": pipeline.prepare.main, "train": lm.train.main, "generate": lm.generate.main}
+MODULES = {"prepare": "pipeline.prepare", "train": "lm.train", "generate": "lm.generate"}
+NEW_FOLDERS = ("new_prepared", "new_run")
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root``; files with their size and mtime."""
+    return {str(p.relative_to(root)): ((s := p.stat()).st_size, s.st_mtime_ns) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def check(case: Case, rc: int, err: str) -> None:
+    lines = err.splitlines()
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    assert lines and lines[-1].startswith("error: "), err
+    before = lines[:-1]
+    if case.after_prepare:  # "cache hit: <data.output> is up to date ...", then the error
+        assert all(line.startswith("cache hit: ") for line in before), err
+    else:
+        assert before == [], err
+    assert re.search(case.message, lines[-1][len("error: "):]), lines[-1]
+
+
+def skip_if_gpu(case: Case) -> None:
+    if case.id == "no-gpu" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.subprocess], ids=str)
+def test_bad_input_in_process(case: Case, world: World, capsys):
+    skip_if_gpu(case)
+    before = snapshot(world.root)
+    capsys.readouterr()
+    rc = MAINS[case.tool](case.args(world))
+    _, err = capsys.readouterr()
+    check(case, rc, err)
+    assert snapshot(world.root) == before
+    assert not any((world.root / n).exists() for n in NEW_FOLDERS)
+
+
+@pytest.fixture(scope="module")
+def as_a_user(world: World) -> dict:
+    """The subprocess rows, run concurrently (each pays the torch import): id -> (rc, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RNNLM_DEBUG", None)
+    before = snapshot(world.root)
+    procs = {str(c): subprocess.Popen([sys.executable, "-m", MODULES[c.tool], *c.args(world)], cwd=REPO_ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in CASES if c.subprocess}
+    results = {k: (p.wait(timeout=120), p.stdout.read() + p.stderr.read()) for k, p in procs.items()}
+    results["unchanged"] = snapshot(world.root) == before
+    return results
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.subprocess], ids=str)
+def test_bad_input_as_a_user_runs_it(case: Case, as_a_user: dict, world: World):
+    skip_if_gpu(case)
+    rc, output = as_a_user[str(case)]
+    check(case, rc, output)  # stdout and stderr together: nothing else printed anywhere
+    assert as_a_user["unchanged"]
+    assert not any((world.root / n).exists() for n in NEW_FOLDERS)
+
+
+def test_debug_flag_shows_the_traceback(world: World):
+    """The way out of the one-line rule, for bug reports: --debug re-raises."""
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="recipe not found"):
+        lm.train.main([str(world.root / "nope.yaml"), "--debug"])

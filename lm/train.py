@@ -344,7 +344,9 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
     start = time.perf_counter() - p.elapsed
     window = {"nll": 0.0, "tokens": 0, "t": time.perf_counter(), "tok0": p.tokens}
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", disable=not d.main or None, dynamic_ncols=True)
-    done = reason = None
+    # a run resumed after it had finished (the same command again, a requeued job) must not train past its end
+    reason = "max_steps" if cfg.max_steps and p.step >= cfg.max_steps else "epochs" if cfg.epochs and p.epoch >= cfg.epochs else None
+    done = reason is not None
     model.train()
     while not done:
         sampler.set_epoch(p.epoch)  # keeps a restored mid-epoch position

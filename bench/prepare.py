@@ -1,0 +1,235 @@
+"""Ingestion speed and memory: ``python -m pipeline.prepare`` on WikiText-2 and on WikiText-2
+train repeated (``--repeat 50``: about 104 M tokens, 540 MB), against what a user would
+otherwise write — pytorch/examples ``word_language_model/data.py`` (a Python loop filling a
+dict vocabulary, one tensor of ids per line, ``torch.cat``) — timed the same way in the
+same run.
+
+Every row is one fresh child process, timed from start to exit (interpreter start and
+imports included, as a user sees it). Memory per row:
+
+* ``peak RSS``: the child's ``ru_maxrss`` from ``wait4`` — the largest single process
+  (with ``data.num_proc=2``, datasets' workers are not added to it);
+* ``tree PSS``: the largest sum of PSS over the child and its descendants, sampled every
+  0.1 s from ``/proc/*/smaps_rollup`` (shared pages split between sharers, so forked
+  workers are not double counted); ``anon PSS`` is its anonymous part: heap, as opposed
+  to the page cache of memory-mapped Arrow files, which the kernel can drop at will.
+
+Usage: python bench/prepare.py [--data ../shared/data/wikitext-2] [--repeat 50]
+           [--scales 1,10] [--num-proc 1,2] [--no-anchor] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# pytorch/examples word_language_model/data.py, Corpus + Dictionary, verbatim in substance
+ANCHOR = r"""
+import os, sys, torch
+class Dictionary:
+    def __init__(self):
+        self.word2idx, self.idx2word = {}, []
+    def add_word(self, word):
+        if word not in self.word2idx:
+            self.idx2word.append(word)
+            self.word2idx[word] = len(self.idx2word) - 1
+        return self.word2idx[word]
+class Corpus:
+    def __init__(self, path):
+        self.dictionary = Dictionary()
+        self.train = self.tokenize(os.path.join(path, 'train.txt'))
+        self.valid = self.tokenize(os.path.join(path, 'valid.txt'))
+        self.test = self.tokenize(os.path.join(path, 'test.txt'))
+    def tokenize(self, path):
+        with open(path, 'r', encoding='utf8') as f:
+            for line in f:
+                for word in line.split() + ['<eos>']:
+                    self.dictionary.add_word(word)
+        with open(path, 'r', encoding='utf8') as f:
+            idss = []
+            for line in f:
+                ids = [self.dictionary.word2idx[w] for w in line.split() + ['<eos>']]
+                idss.append(torch.tensor(ids).type(torch.int64))
+            return torch.cat(idss)
+c = Corpus(sys.argv[1])
+print(len(c.train) + len(c.valid) + len(c.test), len(c.dictionary.idx2word))
+"""
+
+
+@dataclass
+class Run:
+    wall_s: float
+    peak_rss_mb: float
+    tree_pss_mb: float | None
+    tree_anon_mb: float | None
+    stdout: str
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _tree_memory(pid: int) -> tuple[float, float]:
+    """(PSS, anonymous PSS) in MB, summed over ``pid`` and its descendants."""
+    pss = anon = 0
+    for p in _descendants(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key == "Pss":
+                        pss += int(rest.split()[0])
+                    elif key == "Pss_Anon":
+                        anon += int(rest.split()[0])
+        except OSError:
+            continue
+    return pss / 1024, anon / 1024
+
+
+def run(cmd: list[str], cwd: Path = REPO) -> Run:
+    """Run ``cmd`` as a child; wall time, its own peak RSS, and the sampled tree PSS."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
+        peak = [None, None]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.1):
+                pss, anon = _tree_memory(child.pid)
+                if pss and (peak[0] is None or pss > peak[0]):
+                    peak[0] = pss
+                if anon and (peak[1] is None or anon > peak[1]):
+                    peak[1] = anon
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        if Path("/proc/self/smaps_rollup").exists():
+            sampler.start()
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's
+        wall = time.perf_counter() - t0
+        child.returncode = os.waitstatus_to_exitcode(status)
+        done.set()
+        if sampler.is_alive():
+            sampler.join()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if child.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} exited with {child.returncode}:\n{stderr[-2000:]}")
+    return Run(wall, usage.ru_maxrss / 1024, peak[0], peak[1], stdout)
+
+
+def fmt(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb:,.0f}"
+
+
+def make_corpus(data: Path, repeat: int, workdir: Path) -> Path:
+    """``data`` with train.txt repeated ``repeat`` times (valid.txt, test.txt as they are)."""
+    if repeat == 1:
+        return data
+    folder = workdir / f"wt2x{repeat}"
+    folder.mkdir()
+    train = (data / "train.txt").read_bytes()
+    with open(folder / "train.txt", "wb") as f:
+        for _ in range(repeat):
+            f.write(train)
+    for name in ("valid.txt", "test.txt"):
+        shutil.copyfile(data / name, folder / name)
+    return folder
+
+
+def prepare_cmd(corpus: Path, output: Path, num_proc: int) -> list[str]:
+    return [
+        sys.executable, "-m", "pipeline.prepare", "recipes/wikitext.yaml",
+        f"data.source.dir={corpus}", f"data.output={output}", f"data.num_proc={num_proc}", "--force", "--quiet",
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "wikitext-2", help="train.txt, valid.txt, test.txt")
+    p.add_argument("--repeat", type=int, default=50, help="the large corpus: train.txt repeated this many times")
+    p.add_argument("--scales", default="1,10", help="smaller repeats to run too (memory vs corpus size)")
+    p.add_argument("--num-proc", default="1,2", help="data.num_proc values to run at every scale")
+    p.add_argument("--no-anchor", action="store_true", help="skip pytorch/examples' data.py")
+    p.add_argument("--workdir", type=Path, default=None, help="where the repeated corpora and outputs go (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = p.parse_args()
+
+    if not all((args.data / n).is_file() for n in ("train.txt", "valid.txt", "test.txt")):
+        sys.exit(f"error: {args.data} has no train.txt, valid.txt and test.txt; pass --data FOLDER (e.g. ../shared/data/wikitext-2)")
+    scales = sorted({int(s) for s in args.scales.split(",") if s} | {args.repeat})
+    procs = [int(n) for n in args.num_proc.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.workdir))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # other jobs on the machine skew wall times
+    print(f"cpus {os.cpu_count()}, load average {load}, python {sys.version.split()[0]}, work folder {work}", flush=True)
+
+    header = ("corpus", "tool", "wall s", "tokens", "Mtok/s", "peak RSS MB", "tree PSS MB", "anon PSS MB")
+    rows, ratios = [header], []
+    try:
+        for r in scales:
+            corpus = make_corpus(args.data, r, work)
+            name = f"wt2 x{r} ({sum((corpus / n).stat().st_size for n in ('train.txt', 'valid.txt', 'test.txt')) / 1e6:,.0f} MB)"
+            ours = {}
+            for n in procs:
+                out = work / f"out-x{r}-np{n}"
+                res = run(prepare_cmd(corpus, out, n))
+                m = json.loads((out / "manifest.json").read_text())
+                tokens = sum(s["tokens"] for s in m["splits"].values())
+                ours[n] = (res, tokens)
+                rows.append((name, f"pipeline.prepare num_proc={n}", f"{res.wall_s:.1f}", f"{tokens:,}", f"{tokens / res.wall_s / 1e6:.2f}",
+                             fmt(res.peak_rss_mb), fmt(res.tree_pss_mb), fmt(res.tree_anon_mb)))
+                print("  ".join(rows[-1]), flush=True)
+                shutil.rmtree(out)
+            if not args.no_anchor:
+                res = run([sys.executable, "-c", ANCHOR, str(corpus)])
+                tokens, vocab = map(int, res.stdout.split())
+                rows.append((name, "pytorch/examples data.py", f"{res.wall_s:.1f}", f"{tokens:,}", f"{tokens / res.wall_s / 1e6:.2f}",
+                             fmt(res.peak_rss_mb), fmt(res.tree_pss_mb), fmt(res.tree_anon_mb)))
+                print("  ".join(rows[-1]), flush=True)
+                for n, (mine, my_tokens) in ours.items():
+                    same = "same tokens" if my_tokens == tokens else f"TOKENS DIFFER ({my_tokens:,} vs {tokens:,})"
+                    ratios.append(f"{name}: pytorch/examples wall / pipeline.prepare (num_proc={n}) wall = "
+                                  f"{res.wall_s / mine.wall_s:.2f}x, peak RSS ratio {res.peak_rss_mb / mine.peak_rss_mb:.2f}x ({same})")
+            if corpus != args.data:
+                shutil.rmtree(corpus)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    print()
+    for row in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print()
+    for line in ratios:
+        print(line)
+    print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

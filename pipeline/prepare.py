@@ -149,7 +149,8 @@ def _load_splits(cfg: DataConfig, local: dict[str, _LocalSplit] | None, cache_di
     if local is None:
         _check_hub(cfg.source.hub)
         try:
-            dd = datasets.load_dataset(cfg.source.hub, cfg.source.name, revision=cfg.source.revision, cache_dir=str(cache_dir))
+            # the hub download goes to the user's HF cache, so the next build does not fetch it again
+            dd = datasets.load_dataset(cfg.source.hub, cfg.source.name, revision=cfg.source.revision)
         except Exception as e:  # the hub raises many types; all mean "could not load"
             raise UserError(f"could not load {cfg.source.hub} ({cfg.source.name}): {str(e).splitlines()[0]}") from None
         for split, stems in _SPLIT_STEMS.items():
@@ -406,7 +407,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_builds(out)
     tmp.mkdir()
     try:
         manifest = _build(cfg, local, tmp, sources, fp, say, quiet)
@@ -486,12 +487,35 @@ def _sample_texts(ds, col: str, limit: int = 100_000):
         yield "x"  # a large split: let tokenization decide (checked again after encoding)
 
 
+def _remove_stale_builds(out: Path) -> None:
+    """Remove temporary folders that killed builds of ``out`` left behind (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     """Replace ``out`` by the finished ``tmp`` folder; the old folder is removed only after."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)  # put the previous good output back
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -96,3 +96,44 @@ class TokenDataset(torch.utils.data.Dataset):
     def __setstate__(self, state: dict) -> None:
         self.folder, self.split = state["folder"], state["split"]
         self._open()
+
+
+def make_loader(
+    dataset: TokenDataset,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> torch.utils.data.DataLoader:
+    """The data path in one call: bucket sampler over ``dataset.lengths`` + packed collator.
+
+    Args:
+        dataset: one split of a prepared folder.
+        max_tokens: token budget per batch (sum of lengths); or give ``batch_size``.
+        batch_size: sequences per batch.
+        shuffle: shuffled epochs (training) or a fixed length-sorted order (evaluation).
+        seed: sampler seed (call ``loader.batch_sampler.set_epoch(e)`` every epoch).
+        num_workers: DataLoader worker processes; they map the files, nothing is copied.
+        pin_memory: pin batches for fast host-to-GPU copies.
+        num_replicas: DDP world size; rank: this process's rank.
+
+    Returns:
+        A ``DataLoader`` yielding :class:`pipeline.collate.PackedBatch` with shifted targets.
+    """
+    from pipeline.collate import PackedCollator
+    from pipeline.sampling import BucketBatchSampler
+
+    sampler = BucketBatchSampler(
+        dataset.lengths, batch_size=batch_size, max_tokens=max_tokens, shuffle=shuffle, seed=seed,
+        num_replicas=num_replicas, rank=rank,
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=PackedCollator(pad_id=0), num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # its own generator: iterating never draws from the global RNG
+    )

@@ -581,4 +581,15 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A gloo worker thread may still be releasing the last collective's tensors (which takes
+        # the GIL) when the interpreter finalizes; it then aborts the process (std::terminate,
+        # exit -6) after a successful run. Everything is written and closed: skip finalization.
+        try:
+            code = main()
+        except SystemExit as e:  # a signal stop: 128 + signum
+            code = e.code if isinstance(e.code, int) else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(main())

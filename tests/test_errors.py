@@ -3,9 +3,9 @@
 stderr — no traceback — and writes nothing (every file under the test's folder keeps
 its name, size and mtime; no output folder appears).
 
-``CASES`` is the table; README's "When something is wrong" lists the same rows. Most
-rows call the CLI's ``main`` in-process (it is wrapped by ``pipeline.errors.cli`` exactly
-as ``python -m`` runs it); the ``subprocess`` rows run the real command, concurrently.
+``CASES`` is the table (case → the one line a user sees). Most rows call the CLI's
+``main`` in-process (it is wrapped by ``pipeline.errors.cli`` exactly as ``python -m``
+runs it); the ``subprocess`` rows run the real command, concurrently.
 """
 from __future__ import annotations
 
@@ -232,7 +232,10 @@ def as_a_user(world: World) -> dict:
     procs = {str(c): subprocess.Popen([sys.executable, "-m", MODULES[c.tool], *c.args(world)], cwd=REPO_ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in CASES if c.subprocess}
-    results = {k: (p.wait(timeout=120), p.stdout.read() + p.stderr.read()) for k, p in procs.items()}
+    results = {}
+    for k, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        results[k] = (p.returncode, out + err)
     results["unchanged"] = snapshot(world.root) == before
     return results
 

@@ -1,0 +1,109 @@
+"""DDP on CPU: ``torchrun --nproc_per_node 2 -m lm.train`` on a split whose batch count is
+odd finishes without hanging, counts the tokens of both ranks, keeps the replicas
+identical (the trainer's end-of-run check, tested here too), and logs the validation
+perplexity a single process computes for the same checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lm.generate
+import lm.train
+from lm.train import Dist, _check_replicas, evaluate
+from pipeline.collate import PackedCollator
+from pipeline.data import TokenDataset
+from pipeline.sampling import BucketBatchSampler
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MAX_TOKENS, SEED = 256, 1234
+
+
+def ppl_of(model, ds: TokenDataset, *, world: int) -> float:
+    """Validation perplexity in this process, over the batches each of ``world`` ranks would get."""
+    nll, tokens = 0.0, 0
+    for rank in range(world):
+        sampler = BucketBatchSampler(ds.lengths, max_tokens=MAX_TOKENS, shuffle=False, seed=SEED,
+                                     num_replicas=world, rank=rank)
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=PackedCollator(pad_id=0))
+        n, t = evaluate(model, loader, torch.device("cpu"), Dist(), amp=False)
+        nll, tokens = nll + n, tokens + t
+    return math.exp(nll / tokens)
+
+
+def test_torchrun_two_ranks_uneven_batches(toy_recipe, toy_prepared, lm_env):
+    train_lengths = TokenDataset(toy_prepared, "train").lengths
+    one = BucketBatchSampler(train_lengths, max_tokens=MAX_TOKENS, seed=SEED)
+    assert len(one) % 2 == 1  # 13 batches: the sampler must split one so both ranks get 7
+    two = [BucketBatchSampler(train_lengths, max_tokens=MAX_TOKENS, seed=SEED, num_replicas=2, rank=r) for r in (0, 1)]
+    assert len(two[0]) == len(two[1]) == 7
+
+    steps = 5  # mid-epoch: the trainer validates at the max_steps stop
+    path = toy_recipe("ddp", train={"epochs": None, "max_steps": steps, "checkpoint_every": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lm.train", str(path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=lm_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| world 2" in proc.stderr and "replicas diverged" not in proc.stderr
+
+    out = path.parent / "ddp"
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == steps and result["stopped_by"] == "max_steps" and result["test_ppl"] > 1
+    # tokens count both ranks' batches: the first 5 of each rank's plan for epoch 0
+    want = sum(int(sum(train_lengths[i] - 1 for i in b)) for s in two for b in s.plan(0)[:steps])
+    assert result["tokens"] == want
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["split"] == "train"] == list(range(1, steps + 1))
+    assert [r["tokens"] for r in recs if r["split"] == "train"][-1] == want
+    (val,) = [r for r in recs if r["split"] == "validation"]
+    assert val["step"] == steps
+
+    # the final step checkpoint (what was validated) evaluated here, in one process
+    model, _ = lm.generate.load_model(str(out / "checkpoints" / f"step-{steps:08d}.pt"))
+    val_ds = TokenDataset(toy_prepared, "validation")
+    assert val["tokens"] == val_ds.num_tokens
+    assert val["ppl"] == pytest.approx(ppl_of(model, val_ds, world=2), rel=1e-9)  # the same batches: exact
+    assert val["ppl"] == pytest.approx(ppl_of(model, val_ds, world=1), rel=1e-6)  # other batching: float32 sums
+
+
+# --------------------------------------------------------------------------- the replica check itself
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return lm.train.build_model(lm.train.ModelConfig(cell="gru", embed_dim=8, hidden_size=8, num_layers=1), 11)
+
+
+def two_ranks(other) -> Dist:
+    """Rank 0 of 2, whose peer reports ``other(its own digest)``."""
+    d = Dist(rank=0, world=2)
+    d.all_gather = lambda obj: [obj, other(obj)]
+    return d
+
+
+def test_replica_check_passes_on_equal_weights_and_fails_on_any_difference():
+    model = tiny_model()
+    seen = []
+    _check_replicas(model, two_ranks(lambda x: (seen.append(x), x)[1]))  # the same digest: no error
+    twin = tiny_model()
+    _check_replicas(twin, two_ranks(lambda x: x))
+    with torch.no_grad():  # one weight one ulp away
+        w = twin.rnn.weight_hh_l0
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(math.inf))
+    other = []
+    _check_replicas(twin, two_ranks(lambda x: (other.append(x), x)[1]))
+    assert other[0] != seen[0]
+    with pytest.raises(RuntimeError, match="DDP replicas diverged"):
+        _check_replicas(model, two_ranks(lambda x: other[0]))
+
+
+def test_replica_check_is_free_in_one_process():
+    d = Dist()
+    d.all_gather = lambda obj: pytest.fail("one process gathers nothing")
+    _check_replicas(tiny_model(), d)

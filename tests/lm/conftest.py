@@ -57,7 +57,7 @@ TINY_TRAIN = {"device": "cpu", "max_tokens": 256, "optimizer": "adamw", "lr": 0.
               "clip": 1.0, "epochs": 2, "log_every": 1, "plot": False, "amp": False}
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: intra-op threads only add sync overhead on a loaded 2-core machine,
     and one thread also makes in-process runs use the same kernels as the subprocesses

@@ -65,13 +65,18 @@ def assert_same_training_state(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, recipe_writer, toy_prepared):
-    """Two whole epochs (13 batches each) of a 1-layer GRU, plot on; (out_dir, result, recipe)."""
+    """Two whole epochs (13 batches each, see ``batches_per_epoch``) of a 1-layer GRU, plot on;
+    (out_dir, result, recipe)."""
     folder = tmp_path_factory.mktemp("trained")
     path = recipe_writer(folder, "run", train={"plot": True})
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     result = lm.train.run(load(path))
     assert {s: signal.getsignal(s) for s in handlers} == handlers, "run() must restore the signal handlers"
     return folder / "run", result, path
+
+
+def batches_per_epoch(prepared: Path, max_tokens: int = 256) -> int:
+    return len(BucketBatchSampler(TokenDataset(prepared, "train").lengths, max_tokens=max_tokens))
 
 
 def train_plan(prepared: Path, epochs: int, seed: int = 1234, max_tokens: int = 256) -> list[int]:
@@ -83,12 +88,13 @@ def train_plan(prepared: Path, epochs: int, seed: int = 1234, max_tokens: int = 
 
 def test_training_lowers_the_loss_and_logs_every_step(trained, toy_prepared):
     out, result, _ = trained
-    train = records(out, "train")
-    assert [r["step"] for r in train] == list(range(1, 27))  # 2 epochs x 13 batches, log_every=1
+    train, n = records(out, "train"), batches_per_epoch(toy_prepared)
+    assert n == 13
+    assert [r["step"] for r in train] == list(range(1, 2 * n + 1))  # log_every=1
     assert all(set(r) == TRAIN_KEYS for r in train)
     assert train[0]["loss"] > train[-1]["loss"] + 0.2
     assert np.mean([r["loss"] for r in train[:5]]) > np.mean([r["loss"] for r in train[-5:]])
-    assert [r["epoch"] for r in train] == [0] * 13 + [1] * 13
+    assert [r["epoch"] for r in train] == [0] * n + [1] * n
     for r in train:
         assert r["ppl"] == pytest.approx(math.exp(r["loss"]), rel=1e-8)  # both logged to 10 digits
         assert r["lr"] == 0.01 and r["teacher_forcing"] == 1.0 and r["skipped_steps"] == 0
@@ -108,7 +114,8 @@ def test_validation_at_each_epoch_end_with_ppl_exp_loss(trained, toy_prepared):
     out, result, _ = trained
     val = records(out, "validation")
     manifest = read_manifest(toy_prepared)
-    assert [(r["step"], r["epoch"]) for r in val] == [(13, 0), (26, 1)]
+    n = batches_per_epoch(toy_prepared)
+    assert [(r["step"], r["epoch"]) for r in val] == [(n, 0), (2 * n, 1)]
     for r in val:
         assert r["ppl"] == pytest.approx(math.exp(r["loss"]), rel=1e-8)
         assert r["tokens"] == manifest["splits"]["validation"]["tokens"]
@@ -118,18 +125,18 @@ def test_validation_at_each_epoch_end_with_ppl_exp_loss(trained, toy_prepared):
     assert checkpoint.load(out / "checkpoints" / "best.pt")["val_loss"] == pytest.approx(best_loss, rel=1e-9)
 
 
-def test_checkpoints_result_and_saved_recipe(trained):
+def test_checkpoints_result_and_saved_recipe(trained, toy_prepared):
     out, result, recipe = trained
-    ck = out / "checkpoints"
+    ck, n = out / "checkpoints", batches_per_epoch(toy_prepared)
     assert sorted(p.name for p in ck.iterdir()) == [
-        "best.pt", "best.pt.sha256", "step-00000013.pt", "step-00000013.pt.sha256",
-        "step-00000026.pt", "step-00000026.pt.sha256"]
-    last = checkpoint.load(ck / "step-00000026.pt")
-    assert last["kind"] == "epochs" and last["progress"]["step"] == 26 and last["progress"]["epoch"] == 2
+        "best.pt", "best.pt.sha256", f"step-{n:08d}.pt", f"step-{n:08d}.pt.sha256",
+        f"step-{2 * n:08d}.pt", f"step-{2 * n:08d}.pt.sha256"]  # an epoch-end save each, keep_checkpoints=2
+    last = checkpoint.load(ck / f"step-{2 * n:08d}.pt")
+    assert last["kind"] == "epochs" and last["progress"]["step"] == 2 * n and last["progress"]["epoch"] == 2
     assert "optimizer" not in checkpoint.load(ck / "best.pt")
     on_disk = json.loads((out / "result.json").read_text())
     assert on_disk == result
-    assert result["steps"] == 26 and result["epochs"] == 2 and result["stopped_by"] == "epochs"
+    assert result["steps"] == 2 * n and result["epochs"] == 2 and result["stopped_by"] == "epochs"
     assert result["skipped_steps"] == 0 and result["test_ppl"] > 1
     assert records(out, "test")[-1]["ppl"] == pytest.approx(result["test_ppl"], rel=1e-9)
     assert load(out / "recipe.yaml") == load(recipe)  # the run's recipe, reloadable as is

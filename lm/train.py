@@ -37,9 +37,8 @@ from lm.config import ModelConfig, Recipe, load
 from lm.decode import generate
 from lm.model import RNNLM
 from lm.schedule import LRSchedule, teacher_forcing_ratio
-from pipeline.collate import PackedCollator
 from pipeline.config import to_dict
-from pipeline.data import TokenDataset, read_manifest
+from pipeline.data import TokenDataset, make_loader, read_manifest
 from pipeline.errors import UserError, cli
 from pipeline.sampling import BucketBatchSampler
 
@@ -130,17 +129,10 @@ def _loader(ds: TokenDataset, recipe: Recipe, d: Dist, *, train: bool, pin: bool
             f"raise it, or cap sequences with data.max_len"
         )
     try:
-        sampler = BucketBatchSampler(
-            ds.lengths, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, shuffle=train,
-            seed=cfg.seed, num_replicas=d.world, rank=d.rank,
-        )
+        return make_loader(ds, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, shuffle=train, seed=cfg.seed,
+                           num_workers=cfg.num_workers, pin_memory=pin, num_replicas=d.world, rank=d.rank)
     except ValueError as e:
         raise UserError(f"{ds.split} split: {e}") from None
-    return DataLoader(
-        ds, batch_sampler=sampler, collate_fn=PackedCollator(pad_id=0), num_workers=cfg.num_workers,
-        pin_memory=pin, persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator(),  # a loader of its own: iterating never draws from the global RNG
-    )
 
 
 def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
@@ -197,7 +189,7 @@ def evaluate(model: RNNLM, loader: DataLoader, device: torch.device, d: Dist, am
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         with _autocast(device, amp):
-            out = model(batch)
+            out = model(batch, need_state=False)
         nll += out.nll_sum.item()
         tokens += out.num_tokens
     model.train(was)
@@ -361,7 +353,7 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
             # times world because DDP averages gradients over ranks
             global_tokens, halt = d.all_sum(batch.num_tokens, float(stop.signum != 0 or _out_of_time(cfg, start)))
             with _autocast(device, cfg.amp):
-                out = ddp(batch, teacher_forcing=tf, sample=cfg.teacher_forcing.sample)
+                out = ddp(batch, teacher_forcing=tf, sample=cfg.teacher_forcing.sample, need_state=False)
             loss = out.nll_sum * (d.world / global_tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -74,6 +74,25 @@ def test_packed_forward_equals_padded_forward(cell, seqs):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_padded_cpu_kernel_without_state_equals_packed(cell):
+    """need_state=False runs a ragged CPU batch padded (oneDNN's fused kernel): the same
+    logits, loss and gradients on real tokens, and no state."""
+    batch = make_batch(SEQS)
+    model = make_model(cell).eval()
+    ref = model(batch)
+    ref.loss.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = model(batch, need_state=False)
+    out.loss.backward()
+    assert out.state is None and out.num_tokens == ref.num_tokens == 21
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.nll_sum, ref.nll_sum, atol=1e-5, rtol=0)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_loss_is_mean_over_real_target_tokens(cell):
     model = make_model(cell).eval()
     batch = make_batch(SEQS)

@@ -353,7 +353,7 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
             # times world because DDP averages gradients over ranks
             global_tokens, halt = d.all_sum(batch.num_tokens, float(stop.signum != 0 or _out_of_time(cfg, start)))
             with _autocast(device, cfg.amp):
-                out = ddp(batch, teacher_forcing=tf, sample=cfg.teacher_forcing.sample, need_state=False)
+                out = ddp(batch, teacher_forcing=tf, sample=cfg.teacher_forcing.sample, need_state=False, need_logits=False)
             loss = out.nll_sum * (d.world / global_tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -92,6 +92,26 @@ def test_padded_cpu_kernel_without_state_equals_packed(cell):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_output_layer_and_loss_equals_logits_path(tie):
+    """need_logits=False (CPU, training): the chunked linear + cross-entropy gives the same
+    loss and the same gradients, tied weights included, without forming the logits."""
+    batch = make_batch(SEQS)
+    model = make_model("lstm", tie_weights=tie)
+    ref = model.eval()(batch)
+    ref.loss.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = model(batch, need_logits=False)
+    out.loss.backward()
+    assert out.logits is None and ref.logits is not None
+    torch.testing.assert_close(out.nll_sum, ref.nll_sum, atol=1e-5, rtol=0)
+    expected = F.cross_entropy(ref.logits, batch.targets.data, reduction="sum")
+    torch.testing.assert_close(out.nll_sum, expected, atol=1e-5, rtol=0)
+    for p, g in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_loss_is_mean_over_real_target_tokens(cell):
     model = make_model(cell).eval()

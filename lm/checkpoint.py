@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -49,13 +51,24 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     sidecar = path.with_name(path.name + ".sha256")
     if sidecar.is_file() and sidecar.read_text().strip() != _sha256(path):
         raise UserError(f"{path} is corrupt or truncated (checksum mismatch)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise UserError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, a pickle with code in it, ...
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a readable checkpoint: it holds Python objects besides tensors and "
+                        "plain data, and unpickling those could run code") from None
+    except Exception:  # a damaged archive
+        raise UserError(f"{path} is not a readable checkpoint (truncated or damaged)") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
         raise UserError(f"{path} is not an lm.train checkpoint")
     return ckpt
+
+
+def mismatch(e: Exception) -> str:
+    """The telling line of a ``load_state_dict`` error (its first line is only a header)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])[:300]
 
 
 def step_path(folder: Path, step: int) -> Path:

@@ -53,7 +53,7 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[RNNLM, di
         model = build_model(cfg, ckpt["vocab_size"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: cannot rebuild its model ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: cannot rebuild its model ({checkpoint.mismatch(e)})") from None
     return model.to(device).eval(), ckpt
 
 

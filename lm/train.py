@@ -475,10 +475,7 @@ def _resume(spec, ckpt_dir: Path, meta: dict, model, optimizer, lr_at, sampler, 
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        # load_state_dict's first line is only a header ("Error(s) in loading state_dict for RNNLM:")
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-        raise UserError(f"{path} does not fit this recipe's model/data: {detail[:300]}") from None
+        raise UserError(f"{path} does not fit this recipe's model/data: {checkpoint.mismatch(e)}") from None
     lr_at.load_state_dict(ckpt["schedule"])
     for k, v in ckpt["progress"].items():
         setattr(p, k, v)

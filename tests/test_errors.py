@@ -175,7 +175,7 @@ CASES = [
     Case("corrupt-checkpoint", "generate", lambda w: [R("flipped.pt")(w), "--prompt", "the"],
          r"flipped\.pt is corrupt or truncated \(checksum mismatch\)$", subprocess=True),
     Case("truncated-checkpoint", "generate", lambda w: [R("bare.pt")(w), "--prompt", "the"],
-         r"bare\.pt is not a readable checkpoint \("),
+         r"bare\.pt is not a readable checkpoint \(truncated"),
     Case("not-a-checkpoint", "generate", lambda w: [R("run.yaml")(w), "--prompt", "the"], r"run\.yaml is not a readable checkpoint"),
     Case("max-new-tokens-0", "generate", lambda w: [str(w.run / "checkpoints" / "best.pt"), "--prompt", "the", "--max-new-tokens", "0"],
          r"^--max-new-tokens=0: must be >= 1$"),

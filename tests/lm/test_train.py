@@ -280,6 +280,28 @@ def test_scheduled_sampling_logs_the_linear_teacher_forcing_ratio(toy_recipe):
     assert last["tf_ratio"] == pytest.approx(0.4, abs=1e-12)  # what step 6 would use next
 
 
+def test_non_finite_steps_are_skipped_then_abort_with_a_message(toy_recipe, monkeypatch):
+    """Gradients that are not finite skip the step (weights untouched, counted); after
+    max_nonfinite of them in a row the run stops with a UserError naming lr and clip."""
+    path = toy_recipe(train={"epochs": None, "max_steps": 20, "max_nonfinite": 3, "log_every": 1})
+    real_forward = lm.train.RNNLM.forward
+    calls = []
+
+    def poisoned(self, batch, *args, **kwargs):  # steps 3, 4, 5 (1-based) produce a NaN loss
+        out = real_forward(self, batch, *args, **kwargs)
+        calls.append(1)
+        if self.training and 3 <= len(calls) <= 5:
+            out.nll_sum = out.nll_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(lm.train.RNNLM, "forward", poisoned)
+    with pytest.raises(lm.train.UserError, match=r"not finite for 3 steps in a row at step 4; lower train.lr"):
+        lm.train.run(load(path))
+    train = records(path.parent / "recipe", "train")
+    assert [r["skipped_steps"] for r in train] == [0, 0, 1, 2]
+    assert [math.isfinite(r["grad_norm"]) for r in train] == [True, True, False, False]
+
+
 # --------------------------------------------------------------------------- the CLIs
 
 

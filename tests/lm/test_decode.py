@@ -12,16 +12,6 @@ V = 17
 PROMPTS = [[1, 5, 7], [2], [3, 4, 5, 6, 8, 9, 10], [9, 9]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add sync overhead, and on a loaded
-    2-core machine spinning workers made a 0.3 s test take 15 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(cell: str, seed: int = 0, **kw) -> RNNLM:
     """A random model with N(0, 1) weights: a freshly initialised one is near-uniform and
     repeats one token, which would make the comparisons below weak."""

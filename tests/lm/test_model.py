@@ -23,16 +23,6 @@ SEQS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add sync overhead, and on a loaded
-    2-core machine spinning workers made a 0.3 s test take 15 s."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_batch(seqs: list[list[int]]) -> PackedBatch:
     """Inputs seq[:-1], targets seq[1:], packed longest-first: the collator shifts, not the model."""
     return PackedCollator()(seqs)

@@ -12,7 +12,6 @@ Usage: python bench/train_memory.py [--data ../shared/data/wikitext-2] [--repeat
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys

@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 
 from lm import checkpoint
 from lm.config import ModelConfig, Recipe, load
-from lm.decode import generate
 from lm.model import RNNLM
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.config import to_dict

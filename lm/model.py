@@ -231,10 +231,19 @@ class RNNLM(nn.Module):
         """Next-token scores ``(n, V)``: logits, or log-probs with the adaptive softmax."""
         return self.head.log_prob(h) if self.adaptive else self.head(h)
 
-    def _nll(self, h: Tensor, logits: Tensor | None, targets: Tensor) -> Tensor:
-        """Per-token NLL ``(n,)`` of ``targets`` given top-layer outputs ``h`` ``(n, H)``."""
-        if logits is None:
+    def _nll(self, h: Tensor, logits: Tensor | None, targets: Tensor, chunk: int = 2048) -> Tensor:
+        """Per-token NLL ``(n,)`` of ``targets`` given top-layer outputs ``h`` ``(n, H)``.
+
+        Without ``logits`` (not wanted by the caller) the full softmax is scored ``chunk``
+        tokens at a time, so evaluation never holds ``(n, V)`` logits.
+        """
+        if self.adaptive:
             return -self.head(h, targets).output
+        if logits is None:
+            return torch.cat([
+                F.cross_entropy(self.head(h[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
+                for s in range(0, h.size(0), chunk)
+            ])
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
     @torch.no_grad()
@@ -292,9 +301,9 @@ class RNNLM(nn.Module):
             need_state: ``False`` when the final state will not be used (training on
                 independent sequences); it lets a CPU run take the faster padded kernel
                 (see :meth:`_forward_fused`) and returns ``state=None`` there.
-            need_logits: ``False`` when only the loss is wanted: training on a CPU with
-                the full softmax then fuses the output layer and the loss
-                (:class:`_LinearCrossEntropy`) and returns ``logits=None``.
+            need_logits: ``False`` when only the loss is wanted: ``logits=None`` is
+                returned and the full softmax is scored in chunks of tokens; training on
+                a CPU fuses the output layer with the loss (:class:`_LinearCrossEntropy`).
 
         Returns:
             :class:`LMOutput`; ``state`` is each sequence's state after its last real
@@ -312,7 +321,7 @@ class RNNLM(nn.Module):
         num_tokens = targets.numel()
         if teacher_forcing == 1.0 and not stepwise:
             fuse_loss = not need_logits and not self.adaptive and torch.is_grad_enabled() and targets.device.type == "cpu"
-            h, logits, state = self._forward_fused(inputs, state, masks, need_state, logits=not fuse_loss)
+            h, logits, state = self._forward_fused(inputs, state, masks, need_state, logits=need_logits)
             if fuse_loss:
                 nll_sum = _LinearCrossEntropy.apply(h.float(), self.head.weight, self.head.bias, targets, 2048)
                 return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=None, state=state)

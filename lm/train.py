@@ -188,7 +188,7 @@ def evaluate(model: RNNLM, loader: DataLoader, device: torch.device, d: Dist, am
     for batch in loader:
         batch = batch.to(device, non_blocking=True)
         with _autocast(device, amp):
-            out = model(batch, need_state=False)
+            out = model(batch, need_state=False, need_logits=False)
         nll += out.nll_sum.item()
         tokens += out.num_tokens
     model.train(was)

@@ -100,6 +100,13 @@ def test_fused_output_layer_and_loss_equals_logits_path(tie):
     torch.testing.assert_close(out.nll_sum, expected, atol=1e-5, rtol=0)
     for p, g in zip(model.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: scored in chunks, no logits kept
+        evaluated = model(batch, need_logits=False, need_state=False)
+    assert evaluated.logits is None
+    torch.testing.assert_close(evaluated.nll_sum, ref.nll_sum, atol=1e-5, rtol=0)
+    h, t = torch.randn(13, 16), torch.randint(0, V, (13,))  # chunks of 5, 5, 3
+    with torch.no_grad():
+        torch.testing.assert_close(model._nll(h, None, t, chunk=5), F.cross_entropy(model.head(h), t, reduction="none"))
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -22,7 +22,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +219,6 @@ class Progress:
     nonfinite: int = 0  # non-finite steps in a row
     skipped: int = 0  # non-finite steps in total
     elapsed: float = 0.0  # training seconds before this process started
-    history: list = field(default_factory=list)
 
 
 class _Stop:
@@ -278,11 +277,10 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
     # ---- model, optimiser, schedules
     model = build_model(recipe.model, manifest["vocab_size"]).to(device)
     optimizer = _optimizer(model, cfg)
-    total_steps = cfg.max_steps or (cfg.epochs * len(sampler) if cfg.epochs else None)
+    limits = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * len(sampler)) if n]
+    total_steps = min(limits) if limits else None  # unknown with max_time alone
     if cfg.schedule == "cosine" and not total_steps:
         raise UserError("train.schedule=cosine needs train.epochs or train.max_steps to know the run's length")
-    if cfg.epochs and cfg.max_steps:
-        total_steps = min(cfg.max_steps, cfg.epochs * len(sampler))
     lr_at = LRSchedule(cfg, total_steps)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
     p = Progress()
@@ -301,17 +299,12 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
 
     def save(kind: str) -> None:
         """Step checkpoint (for resume) on every rank's data, written by rank 0."""
-        rng = _rng_state()
-        if d.world > 1:
-            all_rng = [None] * d.world
-            dist.all_gather_object(all_rng, rng)
-        else:
-            all_rng = [rng]
+        all_rng = d.all_gather(_rng_state())  # each rank's own streams (dropout differs per rank)
         if not d.main:
             return
         state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": lr_at.state_dict(), "sampler": sampler.state_dict(batches_consumed=p.consumed),
-                 "progress": {k: v for k, v in vars(p).items() if k != "history"}, "rng": all_rng, "kind": kind,
+                 "progress": vars(p).copy(), "rng": all_rng, "kind": kind,
                  "tf_ratio": teacher_forcing_ratio(cfg.teacher_forcing, p.step)}
         checkpoint.save(state, checkpoint.step_path(ckpt_dir, p.step))
         checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)

@@ -402,6 +402,7 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
     # ---- cleanup: final validation if the last one is stale, test perplexity of the best model
     if reason in ("max_steps", "max_time") and p.consumed:
         validate()
+        _samples(model, recipe, tokenizer_json, ids, metrics, p, d)  # a mid-epoch stop: the epoch's samples never came
     result = {"steps": p.step, "epochs": p.epoch, "tokens": p.tokens, "skipped_steps": p.skipped,
               "best_val_ppl": math.exp(p.best_val) if p.best_val < math.inf else None,
               "train_seconds": round(p.elapsed, 1), "stopped_by": reason}
@@ -531,9 +532,9 @@ def _plot(out_dir: Path) -> None:
     recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("validation", "o-")):
-        pts = [(r["tokens"] if split == "train" else r["step"], r["ppl"], r["step"]) for r in recs if r["split"] == split]
+        pts = [(r["step"], r["ppl"]) for r in recs if r["split"] == split]
         if pts:
-            ax.plot([s for _, _, s in pts], [q for _, q, _ in pts], style, label=split)
+            ax.plot(*zip(*pts), style, label=split)
     ax.set(xlabel="step", ylabel="perplexity", yscale="log", title=out_dir.name)
     ax.legend()
     fig.tight_layout()

@@ -13,14 +13,14 @@ from lm.config import TeacherForcingConfig, TrainConfig
 def teacher_forcing_ratio(cfg: TeacherForcingConfig, step: int) -> float:
     """Probability of feeding the ground-truth token at training step ``step`` (0-based)."""
     if cfg.schedule == "constant":
-        p = cfg.start
-    elif cfg.schedule == "linear":
+        return cfg.start
+    if cfg.schedule == "linear":
         p = cfg.start - (cfg.start - cfg.end) * min(step / cfg.decay_steps, 1.0)
     elif cfg.schedule == "exponential":
         p = cfg.start * cfg.k**step
     else:  # inverse sigmoid, Bengio et al. 2015: k / (k + exp(i / k))
         p = cfg.k / (cfg.k + math.exp(min(step / cfg.k, 700.0)))
-    return max(cfg.end, p) if cfg.schedule != "constant" else p
+    return max(cfg.end, p)
 
 
 class LRSchedule:

@@ -363,7 +363,8 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
             p.step += 1
             p.consumed += 1
             p.tokens += int(global_tokens)
-            window["nll"] += out.nll_sum.item() if torch.isfinite(out.nll_sum) else 0.0
+            # kept on the device until the next log line: no host sync per step
+            window["nll"] = window["nll"] + torch.nan_to_num(out.nll_sum.detach(), nan=0.0, posinf=0.0, neginf=0.0)
             window["tokens"] += batch.num_tokens
             bar.update(1)
 
@@ -493,7 +494,7 @@ class _Metrics:
 
 
 def _log_train(metrics, bar, window, p: Progress, lr, tf, grad_norm, start, d: Dist) -> None:
-    nll, tokens = d.all_sum(window["nll"], window["tokens"])
+    nll, tokens = d.all_sum(float(window["nll"]), window["tokens"])
     now = time.perf_counter()
     loss = nll / max(tokens, 1)
     rate = (p.tokens - window["tok0"]) / max(now - window["t"], 1e-9)

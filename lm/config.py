@@ -91,8 +91,15 @@ class TeacherForcingConfig:
 class TrainConfig:
     """How to train: batching, optimiser, stopping, evaluation, checkpoints.
 
-    Batches: ``max_tokens`` predicted tokens per batch (a packed RNN's real cost; keeps
-    every batch's per-token loss weight equal) or a fixed ``batch_size`` of sequences.
+    Protocol (``mode``): ``sequence`` models every prepared row (line, document) on its
+    own from a zero state; ``stream`` reads each split as one continuous text in
+    ``batch_size`` parallel streams and windows of ``bptt`` tokens, carrying the state
+    across windows — the protocol of published WikiText-2 / PTB perplexities.
+    ``variable_bptt`` draws window lengths as AWD-LSTM does (lr scaled by length / bptt);
+    evaluation uses ``eval_batch_size`` streams.
+    Batches (sequence mode): ``max_tokens`` predicted tokens per batch (a packed RNN's
+    real cost; keeps every batch's per-token loss weight equal; 4096 when neither is set)
+    or a fixed ``batch_size`` of sequences.
     Optimisers: ``sgd`` (lr annealed by ``plateau_factor`` whenever validation does not
     improve, as in pytorch/examples) or ``adamw`` (linear ``warmup_steps``, then
     ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``).
@@ -102,8 +109,12 @@ class TrainConfig:
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)
     device: str = "auto"
     seed: int = 1234
-    max_tokens: int | None = 4096
+    mode: Literal["sequence", "stream"] = "sequence"
+    max_tokens: int | None = None
     batch_size: int | None = None
+    bptt: int = 35
+    variable_bptt: bool = False
+    eval_batch_size: int = 10
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = 2e-3
     min_lr: float = 0.0
@@ -117,6 +128,7 @@ class TrainConfig:
     max_time: float | None = None
     eval_every: int | None = None
     log_every: int = 50
+    progress_every: float = 30.0
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     resume: str | None = None
@@ -129,8 +141,19 @@ class TrainConfig:
     plot: bool = True
 
     def __post_init__(self) -> None:
-        if (self.max_tokens is None) == (self.batch_size is None):
-            raise ValueError(f"max_tokens={self.max_tokens}, batch_size={self.batch_size}: set exactly one")
+        if self.mode == "stream":
+            if self.max_tokens is not None:
+                raise ValueError(f"max_tokens={self.max_tokens}: stream mode batches batch_size streams of bptt "
+                                 f"tokens; set max_tokens: null")
+            if self.batch_size is None:
+                self.batch_size = 20  # pytorch/examples' and Zaremba et al.'s
+        elif self.max_tokens is not None and self.batch_size is not None:
+            raise ValueError(f"max_tokens={self.max_tokens}, batch_size={self.batch_size}: set one, not both")
+        elif self.max_tokens is None and self.batch_size is None:
+            self.max_tokens = 4096
+        if self.bptt < 2 or self.eval_batch_size < 1 or not self.progress_every > 0:
+            raise ValueError(f"bptt={self.bptt}, eval_batch_size={self.eval_batch_size}, progress_every="
+                             f"{self.progress_every}: need bptt >= 2, eval_batch_size >= 1, progress_every > 0")
         for name in ("max_tokens", "batch_size", "epochs", "max_steps", "eval_every", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -74,6 +74,19 @@ class TokenDataset(torch.utils.data.Dataset):
         self.lengths: np.ndarray = (np.concatenate(lengths) if lengths else np.zeros(0, np.int32)).astype(np.int64)
         self._chunk_ends = np.cumsum([len(s) for s in starts], dtype=np.int64)
 
+    @classmethod
+    def from_rows(cls, rows: list[np.ndarray], split: str) -> "TokenDataset":
+        """An in-memory dataset of already encoded rows (``<bos> ids <eos>`` each), for text
+        scored outside a prepared folder (``lm.evaluate --file``). It does not pickle."""
+        self = cls.__new__(cls)
+        self.folder, self.split = None, split
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        self._values = [np.concatenate(rows) if rows else np.zeros(0, np.int64)]
+        self._starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.lengths = lengths
+        self._chunk_ends = np.array([len(rows)], dtype=np.int64)
+        return self
+
     def __len__(self) -> int:
         return len(self.lengths)
 

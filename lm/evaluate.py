@@ -1,0 +1,147 @@
+"""Perplexity of a checkpoint: ``python -m lm.evaluate CHECKPOINT [--split NAME | --file PATH ...]``.
+
+Scores prepared splits (the checkpoint's ``data.output``, or ``--data``) or any text file,
+encoded with the checkpoint's own tokenizer the way ``pipeline.prepare`` encodes a split
+(``<bos> tokens <eos>`` per line, or per paragraph in document mode), in either protocol:
+
+* ``--mode stream`` (the published protocol): the text is one stream, cut into
+  ``--batch-size`` streams read in windows of ``--bptt`` tokens, state carried across;
+* ``--mode sequence``: every line from a zero state.
+
+The default is the protocol the checkpoint was trained in. For each text it prints one
+line and one JSON object (stdout; ``--output FILE`` writes them all as a JSON list):
+summed NLL (nats), predicted tokens, perplexity, and bits per character and per byte of
+the original text (``NLL / ln 2`` over its characters or UTF-8 bytes), so word, subword
+and character models compare on one scale.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lm import checkpoint
+from lm.config import TrainConfig
+from lm.train import Dist, _data, _device, _ppl, evaluate
+from pipeline.data import TokenDataset, read_manifest
+from pipeline.errors import UserError, cli
+
+
+def _text_of(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"--file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--file {path}: invalid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
+def encode_text(text: str, tokenizer_json: str, special_ids: dict, mode: str) -> TokenDataset:
+    """``text`` as rows of ``<bos> ids <eos>``: one per line (``line`` mode, blank lines
+    included, as ``pipeline.prepare`` does) or per blank-line separated paragraph."""
+    from tokenizers import Tokenizer
+
+    if mode == "line":
+        units = text.splitlines()
+    else:
+        units = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    tok = Tokenizer.from_str(tokenizer_json)
+    bos, eos = special_ids["bos"], special_ids["eos"]
+    rows = [np.array([bos, *e.ids, eos], dtype=np.int64) for e in tok.encode_batch(units, add_special_tokens=False)]
+    if not rows:
+        raise UserError("the text is empty: nothing to score")
+    return TokenDataset.from_rows(rows, "file")
+
+
+def _scores(nll: float, tokens: int, text: str | None, nbytes: int | None) -> dict:
+    bits = nll / math.log(2)
+    return {"nll": nll, "tokens": tokens, "ppl": _ppl(nll, tokens), "loss": nll / tokens,
+            "bits_per_char": bits / len(text) if text else None,
+            "bits_per_byte": bits / nbytes if nbytes else None}
+
+
+@cli
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lm.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="a checkpoint written by lm.train (best.pt or step-*.pt)")
+    ap.add_argument("--split", action="append", default=[], help="a prepared split to score (repeatable; "
+                    "default: validation and test when no --file is given)")
+    ap.add_argument("--file", action="append", default=[], type=Path, help="a UTF-8 text file to score (repeatable)")
+    ap.add_argument("--data", type=Path, help="the prepared folder (default: the checkpoint's data.output)")
+    ap.add_argument("--mode", choices=["stream", "sequence"], help="protocol (default: the checkpoint's train.mode)")
+    ap.add_argument("--batch-size", type=int, help="streams (stream mode; default train.eval_batch_size) "
+                    "or sequences per batch (sequence mode; default: the checkpoint's max_tokens batching)")
+    ap.add_argument("--bptt", type=int, help="window length in stream mode (default: the checkpoint's train.bptt)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    ap.add_argument("--output", type=Path, help="also write the results as a JSON list to this file")
+    args = ap.parse_args(argv)
+
+    device = _device(args.device, Dist())
+    from lm.generate import load_model
+
+    model, ckpt = load_model(args.checkpoint, device)
+    recipe = ckpt["recipe"]
+    saved = recipe["train"]
+    mode = args.mode or saved.get("mode", "sequence")
+    try:
+        cfg = TrainConfig(
+            mode=mode, bptt=args.bptt or saved.get("bptt", 35),
+            eval_batch_size=args.batch_size or saved.get("eval_batch_size", 10),
+            max_tokens=None if mode == "stream" or args.batch_size else (saved.get("max_tokens") or 4096),
+            batch_size=args.batch_size if mode == "sequence" else None, epochs=1,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+    jobs: list[tuple[str, TokenDataset, str | None, int | None]] = []
+    if args.split or not args.file:
+        folder = args.data or Path(recipe["data"]["output"])
+        manifest = read_manifest(folder)
+        if (folder / "tokenizer.json").read_text(encoding="utf-8") != ckpt["tokenizer"]:
+            raise UserError(f"{folder} was prepared with another tokenizer than {args.checkpoint}; "
+                            f"point --data at the folder it was trained on, or score text with --file")
+        splits = args.split or [s for s in ("validation", "test") if s in manifest["splits"]]
+        for split in splits:
+            text, nbytes = _split_text(manifest, split)
+            jobs.append((split, TokenDataset(folder, split), text, nbytes))
+    for path in args.file:
+        text = _text_of(path)
+        ds = encode_text(text, ckpt["tokenizer"], ckpt["special_ids"], recipe["data"].get("mode", "line"))
+        jobs.append((str(path), ds, text, path.stat().st_size))
+
+    results = []
+    for name, ds, text, nbytes in jobs:
+        data = _data(ds, cfg, Dist(), train=False, pin=False)
+        nll, tokens = evaluate(model, data, device, Dist(), amp=False)
+        res = {"checkpoint": str(args.checkpoint), "text": name, "mode": mode,
+               **({"streams": cfg.eval_batch_size, "bptt": cfg.bptt} if mode == "stream" else {}),
+               **_scores(nll, tokens, text, nbytes)}
+        results.append(res)
+        bpc = f" | {res['bits_per_char']:.4f} bits/char" if res["bits_per_char"] else ""
+        print(f"{name}: perplexity {res['ppl']:.2f} ({mode} protocol, {tokens:,} tokens){bpc}", file=sys.stderr)
+        print(json.dumps(res))
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _split_text(manifest: dict, split: str) -> tuple[str | None, int | None]:
+    """The split's original text and byte count, when its source files are still there."""
+    sources = [s for s in manifest.get("sources", []) if s.get("split") == split]
+    if not sources:
+        return None, None
+    nbytes = sum(s.get("bytes", 0) for s in sources) or None
+    try:
+        text = "".join(Path(s["path"]).read_bytes().decode("utf-8-sig", errors="replace") for s in sources)
+    except (OSError, KeyError):
+        text = None
+    return text, nbytes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

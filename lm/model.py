@@ -1,4 +1,4 @@
-"""Recurrent language model and bidirectional encoder over packed batches.
+"""Recurrent language model over packed batches, and the recipe's ``model:`` section built into one.
 
 Targets are shifted by the collator (``pipeline/collate.py``), never here: the model
 embeds ``batch.inputs``, runs the RNN on the ``PackedSequence`` and scores
@@ -18,28 +18,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from lm import state as st
+from lm.config import ModelConfig
+from lm.losses import linear_cross_entropy_sum
+from lm.rnn import check_prob, make_rnn
 from lm.state import State
 from pipeline.collate import PackedBatch
-
-_CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
-
-
-def _make_rnn(
-    cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool
-) -> nn.RNNBase:
-    if cell not in _CELLS:
-        raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(_CELLS)}")
-    # nn.RNN defaults to tanh, the classic Elman cell.
-    return _CELLS[cell](input_size, hidden_size, num_layers, dropout=dropout, bidirectional=bidirectional)
-
-
-def _check_prob(name: str, p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-
+from pipeline.errors import UserError
 
 def _sequence_rows(batch_sizes: Tensor) -> Tensor:
     """Sorted-batch row of every packed token: ``[0..bs_0), [0..bs_1), ...`` as one (N,) tensor."""
@@ -53,38 +40,6 @@ def _to_sorted(state: State, packed: PackedSequence) -> State:
 
 def _to_caller(state: State, packed: PackedSequence) -> State:
     return state if packed.unsorted_indices is None else st.select(state, packed.unsorted_indices)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """``sum(cross_entropy(h @ weight.T + bias, targets))`` computed a chunk of tokens at a time.
-
-    The loss is the end of the graph, so its gradients are known in the forward pass:
-    each chunk's logits are turned in place into ``softmax - onehot`` and multiplied out
-    at once, never holding ``(N, V)`` logits and skipping the separate log-softmax
-    backward pass. On a CPU that is ~15% of a full-softmax training step saved.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        grad_h, grad_w, grad_b = torch.empty_like(h), torch.zeros_like(weight), torch.zeros_like(bias)
-        nll = h.new_zeros(())
-        with torch.autocast(h.device.type, enabled=False):  # fp32 throughout: the gradients are summed here
-            for s in range(0, h.size(0), chunk):
-                hc, tc = h[s : s + chunk], targets[s : s + chunk]  # (c, H), (c,)
-                logp = torch.log_softmax(torch.addmm(bias, hc, weight.t()), dim=1)  # (c, V)
-                nll -= logp.gather(1, tc[:, None]).sum()
-                g = logp.exp_()  # (c, V) softmax, in place
-                g[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0  # d nll / d logits
-                torch.mm(g, weight, out=grad_h[s : s + chunk])
-                grad_w.addmm_(g.t(), hc)
-                grad_b += g.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return nll
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, grad_b * grad_out, None, None
 
 
 @dataclass
@@ -159,7 +114,7 @@ class RNNLM(nn.Module):
                 "the model is asked to predict. Use RNNEncoder for a bidirectional encoder."
             )
         for name, p in [("dropout_emb", dropout_emb), ("dropout_rnn", dropout_rnn), ("dropout_out", dropout_out)]:
-            _check_prob(name, p)
+            check_prob(name, p)
         if adaptive_cutoffs is not None and tie_weights:
             raise ValueError("tie_weights is not supported with adaptive_cutoffs (adaptive softmax has no single output matrix)")
         if tie_weights and embed_dim != hidden_size:
@@ -172,7 +127,7 @@ class RNNLM(nn.Module):
         self.dropout_out = dropout_out
         self.locked_dropout = locked_dropout
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.rnn = _make_rnn(cell, embed_dim, hidden_size, num_layers, dropout_rnn, bidirectional=False)
+        self.rnn = make_rnn(cell, embed_dim, hidden_size, num_layers, dropout_rnn, bidirectional=False)
         self.head: nn.Linear | nn.AdaptiveLogSoftmaxWithLoss
         if adaptive_cutoffs is not None:
             self.head = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, list(adaptive_cutoffs))
@@ -303,7 +258,7 @@ class RNNLM(nn.Module):
                 (see :meth:`_forward_fused`) and returns ``state=None`` there.
             need_logits: ``False`` when only the loss is wanted: ``logits=None`` is
                 returned and the full softmax is scored in chunks of tokens; training on
-                a CPU fuses the output layer with the loss (:class:`_LinearCrossEntropy`).
+                a CPU fuses the output layer with the loss (:func:`lm.losses.linear_cross_entropy_sum`).
 
         Returns:
             :class:`LMOutput`; ``state`` is each sequence's state after its last real
@@ -323,7 +278,7 @@ class RNNLM(nn.Module):
             fuse_loss = not need_logits and not self.adaptive and torch.is_grad_enabled() and targets.device.type == "cpu"
             h, logits, state = self._forward_fused(inputs, state, masks, need_state, logits=need_logits)
             if fuse_loss:
-                nll_sum = _LinearCrossEntropy.apply(h.float(), self.head.weight, self.head.bias, targets, 2048)
+                nll_sum = linear_cross_entropy_sum(h.float(), self.head.weight, self.head.bias, targets)
                 return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=None, state=state)
         else:
             h, logits, state = self._forward_stepwise(inputs, state, masks, teacher_forcing, sample, generator)
@@ -451,80 +406,18 @@ class RNNLM(nn.Module):
         return self._scores(h), state
 
 
-@dataclass
-class EncoderOutput:
-    """What :meth:`RNNEncoder.forward` returns.
+def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
+    """The model a recipe's ``model:`` section describes.
 
-    Attributes:
-        outputs: ``(L, B, num_dirs * H)`` (``(B, L, ...)`` if ``batch_first``), caller's
-            order, zeros past each sequence's length; forward direction in the first
-            ``H`` features, backward in the last ``H``.
-        lengths: ``(B,)`` CPU int64 lengths, caller's order.
-        state: ``(h_n,)`` or ``(h_n, c_n)``, each ``(num_layers * num_dirs, B, H)``,
-            caller's order; see :meth:`RNNEncoder.by_layer`.
+    Raises:
+        UserError: a combination the model refuses.
     """
-
-    outputs: Tensor
-    lengths: Tensor
-    state: State
-
-
-class RNNEncoder(nn.Module):
-    """Embedding → (bidirectional, multi-layer) GRU | LSTM | RNN encoder for packed batches.
-
-    Args:
-        vocab_size: number of token ids.
-        cell: ``"gru"``, ``"lstm"`` or ``"rnn"``.
-        embed_dim: embedding size.
-        hidden_size: hidden size per direction.
-        num_layers: stacked layers.
-        bidirectional: run a backward direction too.
-        dropout: dropout between layers.
-        pad_id: padding id for ``nn.Embedding``'s ``padding_idx`` (or ``None``).
-        batch_first: return ``outputs`` as ``(B, L, ...)``.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        *,
-        cell: str = "gru",
-        embed_dim: int = 256,
-        hidden_size: int = 256,
-        num_layers: int = 1,
-        bidirectional: bool = True,
-        dropout: float = 0.0,
-        pad_id: int | None = 0,
-        batch_first: bool = False,
-    ) -> None:
-        super().__init__()
-        _check_prob("dropout", dropout)
-        self.batch_first = batch_first
-        self.num_dirs = 2 if bidirectional else 1
-        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.rnn = _make_rnn(cell, embed_dim, hidden_size, num_layers, dropout, bidirectional)
-
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        """Zero state, each tensor ``(num_layers * num_dirs, B, H)``."""
-        return st.init_state(self.rnn, batch_size, device=device)
-
-    def forward(self, batch: PackedBatch | PackedSequence, state: State | None = None) -> EncoderOutput:
-        """Encode packed token ids.
-
-        Args:
-            batch: a collated batch (its ``inputs`` are encoded) or a ``PackedSequence``.
-            state: initial state in the caller's order, or ``None`` for zeros.
-
-        Returns:
-            :class:`EncoderOutput`, in the caller's order.
-        """
-        inputs = batch.inputs if isinstance(batch, PackedBatch) else batch
-        x = inputs._replace(data=self.embed(inputs.data))  # (N, E)
-        out, hx = self.rnn(x, st.to_torch(state))
-        outputs, lengths = pad_packed_sequence(out, batch_first=self.batch_first)  # (L, B, D*H)
-        return EncoderOutput(outputs=outputs, lengths=lengths, state=st.from_torch(hx))
-
-    def by_layer(self, state: State) -> State:
-        """View each state tensor as ``(num_layers, num_dirs, B, H)``: ``[-1, 0]`` is the
-        top layer's forward direction, ``[-1, 1]`` its backward direction."""
-        return tuple(st.by_layer(s, self.rnn.num_layers, self.num_dirs) for s in state)
+    try:
+        return RNNLM(
+            vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
+            dropout_emb=m.dropout_emb, dropout_rnn=m.dropout_rnn if m.num_layers > 1 else 0.0,
+            dropout_out=m.dropout_out, locked_dropout=m.locked_dropout, tie_weights=m.tie_weights,
+            adaptive_cutoffs=m.adaptive_cutoffs, pad_id=0,
+        )
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lm import checkpoint
-from lm.config import ModelConfig, Recipe, load
-from lm.model import RNNLM
+from lm.config import Recipe, load
+from lm.model import RNNLM, build_model
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.config import to_dict
 from pipeline.data import TokenDataset, make_loader, read_manifest
@@ -132,19 +132,6 @@ def _loader(ds: TokenDataset, recipe: Recipe, d: Dist, *, train: bool, pin: bool
                            num_workers=cfg.num_workers, pin_memory=pin, num_replicas=d.world, rank=d.rank)
     except ValueError as e:
         raise UserError(f"{ds.split} split: {e}") from None
-
-
-def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
-    """The model a recipe's ``model:`` section describes."""
-    try:
-        return RNNLM(
-            vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
-            dropout_emb=m.dropout_emb, dropout_rnn=m.dropout_rnn if m.num_layers > 1 else 0.0,
-            dropout_out=m.dropout_out, locked_dropout=m.locked_dropout, tie_weights=m.tie_weights,
-            adaptive_cutoffs=m.adaptive_cutoffs, pad_id=0,
-        )
-    except ValueError as e:
-        raise UserError(f"model: {e}") from None
 
 
 def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:

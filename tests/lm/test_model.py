@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_packed_sequence, pad_sequence
 
 from lm import state as st
-from lm.model import RNNLM, RNNEncoder, _sequence_rows
+from lm.encoder import RNNEncoder
+from lm.losses import linear_cross_entropy_sum
+from lm.model import RNNLM, _sequence_rows
 from pipeline.collate import PackedBatch, PackedCollator
 
 CELLS = ["gru", "lstm", "rnn"]
@@ -107,6 +109,20 @@ def test_fused_output_layer_and_loss_equals_logits_path(tie):
     h, t = torch.randn(13, 16), torch.randint(0, V, (13,))  # chunks of 5, 5, 3
     with torch.no_grad():
         torch.testing.assert_close(model._nll(h, None, t, chunk=5), F.cross_entropy(model.head(h), t, reduction="none"))
+
+
+def test_fused_loss_refuses_a_second_derivative():
+    """Its backward returns gradients computed in the forward pass, constants to autograd,
+    so differentiating them again must raise instead of coming out silently incomplete."""
+    h = torch.randn(7, 5, requires_grad=True)
+    w, b = torch.randn(11, 5, requires_grad=True), torch.zeros(11, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+    loss = linear_cross_entropy_sum(h, w, b, t, chunk=3)
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t() + b, t, reduction="sum"))
+    scale = torch.tensor(2.0, requires_grad=True)  # makes the incoming gradient differentiable
+    (grad_h,) = torch.autograd.grad(loss * scale, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_h.sum().backward()
 
 
 @pytest.mark.parametrize("cell", CELLS)

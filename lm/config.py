@@ -20,6 +20,13 @@ class ModelConfig:
     ``dropout_out`` on the last layer's outputs; ``locked_dropout`` uses one mask per
     sequence for all its time steps (variational dropout) for emb/out.
     ``adaptive_cutoffs`` switches to ``nn.AdaptiveLogSoftmaxWithLoss`` (large vocabularies).
+
+    The AWD-LSTM regularisers (Merity et al. 2017), all off by default:
+    ``locked_dropout_rnn`` makes ``dropout_rnn`` locked too (the layers then run one
+    kernel call each); ``weight_drop`` is DropConnect on the hidden-to-hidden matrices
+    (AWD-LSTM: 0.5), one mask per batch; ``dropout_words`` drops whole words from the
+    embedding (AWD-LSTM: 0.1); ``ar`` and ``tar`` weight the activation and temporal
+    activation penalties added to the training loss (AWD-LSTM: 2 and 1).
     """
 
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
@@ -30,6 +37,11 @@ class ModelConfig:
     dropout_rnn: float = 0.2
     dropout_out: float = 0.2
     locked_dropout: bool = False
+    locked_dropout_rnn: bool = False
+    weight_drop: float = 0.0
+    dropout_words: float = 0.0
+    ar: float = 0.0
+    tar: float = 0.0
     tie_weights: bool = False
     adaptive_cutoffs: list[int] | None = None
 
@@ -37,9 +49,14 @@ class ModelConfig:
         for name in ("embed_dim", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("dropout_emb", "dropout_rnn", "dropout_out"):
+        for name in ("dropout_emb", "dropout_rnn", "dropout_out", "weight_drop", "dropout_words"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.ar < 0 or self.tar < 0:
+            raise ValueError(f"ar={self.ar}, tar={self.tar}: must be >= 0")
+        if self.locked_dropout_rnn and (self.num_layers < 2 or self.dropout_rnn == 0.0):
+            raise ValueError(f"locked_dropout_rnn=true needs num_layers >= 2 and dropout_rnn > 0 "
+                             f"(got num_layers={self.num_layers}, dropout_rnn={self.dropout_rnn})")
         if self.adaptive_cutoffs is not None:
             c = self.adaptive_cutoffs
             if not c or any(b <= a for a, b in zip(c, c[1:])) or c[0] < 1:

@@ -51,6 +51,7 @@ def layer_weights(rnn: nn.RNNBase) -> list[list[Tensor]]:
 def _kernel(rnn: nn.RNNBase, x: Tensor, batch_sizes: Tensor | None, hx: State, weights: list[Tensor],
             num_layers: int, dropout: float) -> tuple[Tensor, State]:
     fn = _KERNELS[rnn.mode]
+    hx = tuple(s.contiguous() for s in hx)  # a layer's slice or a narrowed batch is a strided view
     arg = hx if len(hx) == 2 else hx[0]  # LSTM takes (h, c), the others a bare h
     with warnings.catch_warnings():
         # A dropped matrix is not a view into the module's flat weight buffer, so cuDNN

@@ -406,9 +406,16 @@ def test_bidirectional_gru_encoder_final_states(batch_first):
     assert out.lengths.tolist() == [len(s) - 1 for s in SEQS]
     (h_n,) = out.state
     assert h_n.shape == (2 * 2, B, H)
-    ref, _ = pad_packed_sequence(enc.rnn(batch.inputs._replace(data=enc.embed(batch.inputs.data)))[0])
     outputs = out.outputs.transpose(0, 1) if batch_first else out.outputs  # (L, B, 2H)
-    assert torch.equal(outputs, ref)
+    # Reference: a plain nn.GRU with the same weights on each sequence alone, unpadded, so
+    # its backward direction starts at the sequence's own last token.
+    gru = torch.nn.GRU(8, H, num_layers=2, bidirectional=True)
+    gru.load_state_dict(enc.rnn.state_dict())
+    for b, s in enumerate(SEQS):
+        n = len(s) - 1
+        ref_out, ref_h = gru(enc.embed(torch.tensor(s[:-1]))[:, None])  # (n, 1, 2H), (4, 1, H)
+        torch.testing.assert_close(outputs[:n, b], ref_out[:, 0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(h_n[:, b], ref_h[:, 0], atol=1e-6, rtol=0)
     (layers,) = enc.by_layer(out.state)  # (num_layers, 2, B, H)
     for b, n in enumerate(out.lengths.tolist()):
         assert torch.equal(layers[-1, 0, b], outputs[n - 1, b, :H])  # forward: last real step

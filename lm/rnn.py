@@ -53,16 +53,26 @@ def _kernel(rnn: nn.RNNBase, x: Tensor, batch_sizes: Tensor | None, hx: State, w
     fn = _KERNELS[rnn.mode]
     hx = tuple(s.contiguous() for s in hx)  # a layer's slice or a narrowed batch is a strided view
     arg = hx if len(hx) == 2 else hx[0]  # LSTM takes (h, c), the others a bare h
-    with warnings.catch_warnings():
-        # A dropped matrix is not a view into the module's flat weight buffer, so cuDNN
-        # copies the weights into one for this call; that is the cost of weight drop, and
-        # its "not part of single contiguous chunk of memory" warning would repeat each step.
-        warnings.filterwarnings("ignore", message="RNN module weights are not part")
-        if batch_sizes is None:
-            result = fn(x, arg, weights, True, num_layers, dropout, rnn.training, False, False)
-        else:
-            result = fn(x, batch_sizes, arg, weights, True, num_layers, dropout, rnn.training, False)
+    _quiet_weight_copy()
+    if batch_sizes is None:
+        result = fn(x, arg, weights, True, num_layers, dropout, rnn.training, False, False)
+    else:
+        result = fn(x, batch_sizes, arg, weights, True, num_layers, dropout, rnn.training, False)
     return result[0], tuple(result[1:])
+
+
+_WEIGHT_COPY = "RNN module weights are not part of single contiguous chunk"
+
+
+def _quiet_weight_copy() -> None:
+    """A dropped matrix is not a view into the module's flat weight buffer, so cuDNN copies
+    the weights into one for the call (the price of weight drop) and warns "not part of
+    single contiguous chunk of memory" on every call. Filtered once per process, on first
+    use: a ``catch_warnings`` block per call would reset Python's once-per-location
+    registry and make every other warning repeat."""
+    # Looked up each time, not remembered: a caller's catch_warnings block may have dropped it.
+    if not any(f[1] is not None and f[1].pattern == _WEIGHT_COPY for f in warnings.filters):
+        warnings.filterwarnings("ignore", message=_WEIGHT_COPY)
 
 
 def run_rnn(

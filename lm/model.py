@@ -90,8 +90,8 @@ class RNNLM(nn.Module):
         hidden_size: RNN hidden size, also the output layer's input size.
         num_layers: stacked RNN layers.
         dropout_emb: dropout on the embeddings.
-        dropout_rnn: dropout between RNN layers (torch's own, inside the fused kernel;
-            torch warns if set with one layer, where it does nothing).
+        dropout_rnn: dropout between RNN layers (torch's own, inside the fused kernel,
+            unless ``locked_dropout_rnn``; torch warns if set with one layer).
         dropout_out: dropout on the top RNN layer's outputs, before the output layer.
         locked_dropout: use one dropout mask per sequence, shared by all its time steps
             (variational dropout), for ``dropout_emb`` and ``dropout_out``.
@@ -308,9 +308,11 @@ class RNNLM(nn.Module):
         ``torch.rand(N, generator=generator)`` in packed order), else the model's own
         prediction at the previous step (argmax, or a softmax sample if ``sample``;
         never differentiated through). Step 0 always reads the ground truth (``<bos>``).
-        The loss is over the same packed targets either way. In training mode the two
-        paths draw dropout from the same distributions (locked masks identically) but
-        from different random streams; in eval mode they agree to float precision.
+        The loss is over the same packed targets either way. In training mode every
+        mask drawn once per call (locked dropout, whole-word dropout, weight drop) is the
+        same in both paths for the same RNG state; plain per-token dropout comes from the
+        same distributions but different random streams. In eval mode no regulariser acts
+        and the paths agree to float precision. AR/TAR come back in ``LMOutput.reg``.
 
         Args:
             batch: a collated batch with ``targets`` (``shift=True``).

@@ -183,6 +183,13 @@ class RNNLM(nn.Module):
         """Whether the output layer is an adaptive softmax (no logits, log-probs instead)."""
         return isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss)
 
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether a training step can leave a parameter without a gradient, so DDP needs
+        ``find_unused_parameters=True``: only the adaptive softmax, whose tail clusters go
+        unused in a batch with no target in them. Every regulariser here uses all weights."""
+        return self.adaptive
+
     def _init_weights(self, pad_id: int | None) -> None:
         # nn.Embedding's N(0, 1) is far too large for a softmax input; as pytorch/examples.
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)

@@ -270,6 +270,19 @@ def test_scheduled_sampling_runs_with_every_regulariser(cell):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_only_the_adaptive_softmax_leaves_parameters_unused():
+    """The DDP find_unused_parameters condition: a batch whose targets are all in the
+    adaptive softmax's head cluster gives its tail clusters no gradient."""
+    batch = make_batch([[1, 2, 3, 4, 5], [1, 6, 7]])  # every target < 8
+    for adaptive, unused in [(None, set()), ([8, 16], {"head.tail.0.0.weight", "head.tail.0.1.weight",
+                                                       "head.tail.1.0.weight", "head.tail.1.1.weight"})]:
+        model = make_model("lstm", adaptive_cutoffs=adaptive, **ALL_ON).train()
+        out = model(batch)
+        (out.loss + out.reg).backward()
+        assert {n for n, p in model.named_parameters() if p.grad is None} == unused
+        assert model.may_leave_parameters_unused == bool(unused)
+
+
 def test_config_keys_reach_the_model_and_are_validated():
     m = build_model(ModelConfig(num_layers=2, dropout_rnn=0.3, locked_dropout_rnn=True, weight_drop=0.5,
                                 dropout_words=0.1, ar=2.0, tar=1.0), V)

@@ -23,10 +23,10 @@ class ModelConfig:
 
     The AWD-LSTM regularisers (Merity et al. 2017), all off by default:
     ``locked_dropout_rnn`` makes ``dropout_rnn`` locked too (the layers then run one
-    kernel call each); ``weight_drop`` is DropConnect on the hidden-to-hidden matrices
-    (AWD-LSTM: 0.5), one mask per batch; ``dropout_words`` drops whole words from the
-    embedding (AWD-LSTM: 0.1); ``ar`` and ``tar`` weight the activation and temporal
-    activation penalties added to the training loss (AWD-LSTM: 2 and 1).
+    kernel call each; AWD-LSTM on PTB: 0.25); ``weight_drop`` is DropConnect on the
+    hidden-to-hidden matrices (0.5), one mask per batch; ``dropout_words`` drops whole
+    words from the embedding (0.1); ``ar`` and ``tar`` weight the activation and temporal
+    activation penalties the trainer adds to the loss (2 and 1).
     """
 
     cell: Literal["lstm", "gru", "rnn"] = "lstm"

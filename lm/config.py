@@ -20,6 +20,13 @@ class ModelConfig:
     ``dropout_out`` on the last layer's outputs; ``locked_dropout`` uses one mask per
     sequence for all its time steps (variational dropout) for emb/out.
     ``adaptive_cutoffs`` switches to ``nn.AdaptiveLogSoftmaxWithLoss`` (large vocabularies).
+
+    The AWD-LSTM regularisers (Merity et al. 2017), all off by default:
+    ``locked_dropout_rnn`` makes ``dropout_rnn`` locked too (the layers then run one
+    kernel call each; AWD-LSTM on PTB: 0.25); ``weight_drop`` is DropConnect on the
+    hidden-to-hidden matrices (0.5), one mask per batch; ``dropout_words`` drops whole
+    words from the embedding (0.1); ``ar`` and ``tar`` weight the activation and temporal
+    activation penalties the trainer adds to the loss (2 and 1).
     """
 
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
@@ -30,6 +37,11 @@ class ModelConfig:
     dropout_rnn: float = 0.2
     dropout_out: float = 0.2
     locked_dropout: bool = False
+    locked_dropout_rnn: bool = False
+    weight_drop: float = 0.0
+    dropout_words: float = 0.0
+    ar: float = 0.0
+    tar: float = 0.0
     tie_weights: bool = False
     adaptive_cutoffs: list[int] | None = None
 
@@ -37,9 +49,14 @@ class ModelConfig:
         for name in ("embed_dim", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("dropout_emb", "dropout_rnn", "dropout_out"):
+        for name in ("dropout_emb", "dropout_rnn", "dropout_out", "weight_drop", "dropout_words"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.ar < 0 or self.tar < 0:
+            raise ValueError(f"ar={self.ar}, tar={self.tar}: must be >= 0")
+        if self.locked_dropout_rnn and (self.num_layers < 2 or self.dropout_rnn == 0.0):
+            raise ValueError(f"locked_dropout_rnn=true needs num_layers >= 2 and dropout_rnn > 0 "
+                             f"(got num_layers={self.num_layers}, dropout_rnn={self.dropout_rnn})")
         if self.adaptive_cutoffs is not None:
             c = self.adaptive_cutoffs
             if not c or any(b <= a for a, b in zip(c, c[1:])) or c[0] < 1:
@@ -104,6 +121,10 @@ class TrainConfig:
     improve, as in pytorch/examples) or ``adamw`` (linear ``warmup_steps``, then
     ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``).
     Stopping: the first of ``epochs``, ``max_steps``, ``max_time`` (seconds) reached.
+    Averaged weights (NT-ASGD, Merity et al. 2017): ``average: nonmono`` starts a running
+    mean of the weights once validation is worse than the best from before the last
+    ``nonmono`` evaluations; ``always`` from step 0. Validation, ``best.pt`` and the test
+    then use the averaged weights.
     """
 
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)
@@ -132,6 +153,8 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     resume: str | None = None
+    average: Literal["off", "nonmono", "always"] = "off"
+    nonmono: int = 5
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     amp: bool = True
     num_workers: int = 0
@@ -151,6 +174,8 @@ class TrainConfig:
             raise ValueError(f"max_tokens={self.max_tokens}, batch_size={self.batch_size}: set one, not both")
         elif self.max_tokens is None and self.batch_size is None:
             self.max_tokens = 4096
+        if self.nonmono < 1:
+            raise ValueError(f"nonmono={self.nonmono}: must be >= 1")
         if self.bptt < 2 or self.eval_batch_size < 1 or not self.progress_every > 0:
             raise ValueError(f"bptt={self.bptt}, eval_batch_size={self.eval_batch_size}, progress_every="
                              f"{self.progress_every}: need bptt >= 2, eval_batch_size >= 1, progress_every > 0")

@@ -14,7 +14,7 @@ import torch
 from lm import checkpoint
 from lm.config import ModelConfig
 from lm.decode import generate
-from lm.model import RNNLM
+from lm.model import RNNLM, build_model
 from pipeline.errors import UserError, cli
 
 
@@ -45,8 +45,6 @@ def complete(
 
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[RNNLM, dict]:
     """Rebuild the model of a checkpoint (``best.pt`` or ``step-*.pt``) with its weights."""
-    from lm.train import build_model
-
     ckpt = checkpoint.load(path, map_location=device)
     try:
         cfg = ModelConfig(**ckpt["recipe"]["model"])

@@ -1,4 +1,4 @@
-"""Recurrent language model and bidirectional encoder over packed batches.
+"""Recurrent language model over packed batches, and the recipe's ``model:`` section built into one.
 
 Targets are shifted by the collator (``pipeline/collate.py``), never here: the model
 embeds ``batch.inputs``, runs the RNN on the ``PackedSequence`` and scores
@@ -18,28 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from lm import state as st
+from lm.config import ModelConfig
+from lm.losses import linear_cross_entropy_sum
+from lm.regularize import activation_penalty, drop_connect, locked_mask, word_dropout_scale
+from lm.rnn import check_prob, layer_weights, make_rnn, run_rnn
 from lm.state import State
 from pipeline.collate import PackedBatch
-
-_CELLS: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
-
-
-def _make_rnn(
-    cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float, bidirectional: bool
-) -> nn.RNNBase:
-    if cell not in _CELLS:
-        raise ValueError(f"unknown cell {cell!r}; choose one of {sorted(_CELLS)}")
-    # nn.RNN defaults to tanh, the classic Elman cell.
-    return _CELLS[cell](input_size, hidden_size, num_layers, dropout=dropout, bidirectional=bidirectional)
-
-
-def _check_prob(name: str, p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-
+from pipeline.errors import UserError
 
 def _sequence_rows(batch_sizes: Tensor) -> Tensor:
     """Sorted-batch row of every packed token: ``[0..bs_0), [0..bs_1), ...`` as one (N,) tensor."""
@@ -55,36 +43,16 @@ def _to_caller(state: State, packed: PackedSequence) -> State:
     return state if packed.unsorted_indices is None else st.select(state, packed.unsorted_indices)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """``sum(cross_entropy(h @ weight.T + bias, targets))`` computed a chunk of tokens at a time.
+@dataclass
+class _Draw:
+    """The random masks of one training forward call, shared by all its time steps
+    (both forward paths read them, so the step loop sees the fused call's masks)."""
 
-    The loss is the end of the graph, so its gradients are known in the forward pass:
-    each chunk's logits are turned in place into ``softmax - onehot`` and multiplied out
-    at once, never holding ``(N, V)`` logits and skipping the separate log-softmax
-    backward pass. On a CPU that is ~15% of a full-softmax training step saved.
-    """
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        grad_h, grad_w, grad_b = torch.empty_like(h), torch.zeros_like(weight), torch.zeros_like(bias)
-        nll = h.new_zeros(())
-        with torch.autocast(h.device.type, enabled=False):  # fp32 throughout: the gradients are summed here
-            for s in range(0, h.size(0), chunk):
-                hc, tc = h[s : s + chunk], targets[s : s + chunk]  # (c, H), (c,)
-                logp = torch.log_softmax(torch.addmm(bias, hc, weight.t()), dim=1)  # (c, V)
-                nll -= logp.gather(1, tc[:, None]).sum()
-                g = logp.exp_()  # (c, V) softmax, in place
-                g[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0  # d nll / d logits
-                torch.mm(g, weight, out=grad_h[s : s + chunk])
-                grad_w.addmm_(g.t(), hc)
-                grad_b += g.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return nll
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, grad_b * grad_out, None, None
+    emb: Tensor | None = None  # (B, E) locked embedding mask, sorted rows
+    out: Tensor | None = None  # (B, H) locked output mask
+    words: Tensor | None = None  # (V,) whole-word embedding scale
+    layers: list[Tensor] | None = None  # num_layers - 1 masks (B, H), locked between layers
+    weights: list[list[Tensor]] | None = None  # per-layer RNN weights (weight_hh dropped): run via run_rnn
 
 
 @dataclass
@@ -99,6 +67,9 @@ class LMOutput:
         logits: packed logits ``(N, V)`` aligned with ``batch.targets.data``; ``None``
             with the adaptive softmax, which never forms them.
         state: final state of every sequence (at its last real step), caller's order.
+        reg: the activation penalty (AR + TAR, see :func:`lm.regularize.activation_penalty`)
+            to add to the training loss; a zero scalar when both are off or not training.
+            Not part of ``loss``, so perplexities stay pure NLL.
     """
 
     loss: Tensor
@@ -106,6 +77,7 @@ class LMOutput:
     num_tokens: int
     logits: Tensor | None
     state: State | None
+    reg: Tensor
 
 
 class RNNLM(nn.Module):
@@ -118,13 +90,19 @@ class RNNLM(nn.Module):
         hidden_size: RNN hidden size, also the output layer's input size.
         num_layers: stacked RNN layers.
         dropout_emb: dropout on the embeddings.
-        dropout_rnn: dropout between RNN layers (torch's own, inside the fused kernel;
-            torch warns if set with one layer, where it does nothing).
+        dropout_rnn: dropout between RNN layers (torch's own, inside the fused kernel,
+            unless ``locked_dropout_rnn``; torch warns if set with one layer).
         dropout_out: dropout on the top RNN layer's outputs, before the output layer.
         locked_dropout: use one dropout mask per sequence, shared by all its time steps
-            (variational dropout), for ``dropout_emb`` and ``dropout_out``. The
-            between-layer dropout stays torch's per-step dropout: a locked mask there
-            would need one RNN call per layer instead of one fused call.
+            (variational dropout), for ``dropout_emb`` and ``dropout_out``.
+        locked_dropout_rnn: the same for ``dropout_rnn``; the layers then run one kernel
+            call each (over the packed data) with the masks applied between them.
+        weight_drop: DropConnect on every layer's hidden-to-hidden matrix, one mask per
+            forward call (AWD-LSTM's WeightDrop), still through the fused kernel.
+        dropout_words: embedding dropout on whole words: a word id is dropped everywhere
+            in the batch (its embedding row zeroed), kept rows scaled by ``1 / (1 - p)``.
+        ar: activation regularisation coefficient (AWD-LSTM's alpha); see ``LMOutput.reg``.
+        tar: temporal activation regularisation coefficient (beta).
         tie_weights: share the embedding matrix with the output layer; needs
             ``embed_dim == hidden_size``.
         adaptive_cutoffs: use ``nn.AdaptiveLogSoftmaxWithLoss`` with these cutoffs
@@ -147,6 +125,11 @@ class RNNLM(nn.Module):
         dropout_rnn: float = 0.0,
         dropout_out: float = 0.0,
         locked_dropout: bool = False,
+        locked_dropout_rnn: bool = False,
+        weight_drop: float = 0.0,
+        dropout_words: float = 0.0,
+        ar: float = 0.0,
+        tar: float = 0.0,
         tie_weights: bool = False,
         adaptive_cutoffs: list[int] | None = None,
         pad_id: int | None = 0,
@@ -158,8 +141,14 @@ class RNNLM(nn.Module):
                 "RNNLM cannot be bidirectional: the backward direction reads the very tokens "
                 "the model is asked to predict. Use RNNEncoder for a bidirectional encoder."
             )
-        for name, p in [("dropout_emb", dropout_emb), ("dropout_rnn", dropout_rnn), ("dropout_out", dropout_out)]:
-            _check_prob(name, p)
+        for name, p in [("dropout_emb", dropout_emb), ("dropout_rnn", dropout_rnn), ("dropout_out", dropout_out),
+                        ("weight_drop", weight_drop), ("dropout_words", dropout_words)]:
+            check_prob(name, p)
+        if ar < 0 or tar < 0:
+            raise ValueError(f"ar and tar must be >= 0, got ar={ar}, tar={tar}")
+        if locked_dropout_rnn and (num_layers < 2 or dropout_rnn == 0.0):
+            raise ValueError(f"locked_dropout_rnn needs num_layers >= 2 and dropout_rnn > 0 "
+                             f"(got num_layers={num_layers}, dropout_rnn={dropout_rnn})")
         if adaptive_cutoffs is not None and tie_weights:
             raise ValueError("tie_weights is not supported with adaptive_cutoffs (adaptive softmax has no single output matrix)")
         if tie_weights and embed_dim != hidden_size:
@@ -171,8 +160,15 @@ class RNNLM(nn.Module):
         self.dropout_emb = dropout_emb
         self.dropout_out = dropout_out
         self.locked_dropout = locked_dropout
+        self.dropout_rnn = dropout_rnn
+        self.locked_dropout_rnn = locked_dropout_rnn
+        self.weight_drop = weight_drop
+        self.dropout_words = dropout_words
+        self.ar, self.tar = ar, tar
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.rnn = _make_rnn(cell, embed_dim, hidden_size, num_layers, dropout_rnn, bidirectional=False)
+        # With locked masks between layers the kernel's own per-step dropout must stay off.
+        inner = 0.0 if locked_dropout_rnn else dropout_rnn
+        self.rnn = make_rnn(cell, embed_dim, hidden_size, num_layers, inner, bidirectional=False)
         self.head: nn.Linear | nn.AdaptiveLogSoftmaxWithLoss
         if adaptive_cutoffs is not None:
             self.head = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, list(adaptive_cutoffs))
@@ -186,6 +182,13 @@ class RNNLM(nn.Module):
     def adaptive(self) -> bool:
         """Whether the output layer is an adaptive softmax (no logits, log-probs instead)."""
         return isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss)
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether a training step can leave a parameter without a gradient, so DDP needs
+        ``find_unused_parameters=True``: only the adaptive softmax, whose tail clusters go
+        unused in a batch with no target in them. Every regulariser here uses all weights."""
+        return self.adaptive
 
     def _init_weights(self, pad_id: int | None) -> None:
         # nn.Embedding's N(0, 1) is far too large for a softmax input; as pytorch/examples.
@@ -211,17 +214,37 @@ class RNNLM(nn.Module):
         """``mask`` is a locked mask already gathered to ``x``'s rows; else plain dropout."""
         return x * mask if mask is not None else F.dropout(x, p, self.training)
 
-    def _locked_masks(self, num_seqs: int, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """One (embedding, output) dropout mask row per sequence, in sorted order."""
-        if not (self.training and self.locked_dropout):
-            return None, None
+    def _draw(self, num_seqs: int) -> _Draw:
+        """This call's masks (none in eval mode); locked rows are per sequence, sorted order."""
+        draw = _Draw()
+        if not self.training:
+            return draw
+        like, hidden = self.embed.weight, self.rnn.hidden_size
+        if self.locked_dropout:
+            if self.dropout_emb:
+                draw.emb = locked_mask(num_seqs, self.embed.embedding_dim, self.dropout_emb, like)  # (B, E)
+            if self.dropout_out:
+                draw.out = locked_mask(num_seqs, hidden, self.dropout_out, like)  # (B, H)
+        if self.dropout_words:
+            draw.words = word_dropout_scale(self.vocab_size, self.dropout_words, like)  # (V,)
+        if self.locked_dropout_rnn:
+            draw.layers = [locked_mask(num_seqs, hidden, self.dropout_rnn, like) for _ in range(self.rnn.num_layers - 1)]
+        if self.weight_drop or self.locked_dropout_rnn:
+            draw.weights = layer_weights(self.rnn)
+            if self.weight_drop:  # [w_ih, w_hh, b_ih, b_hh] per layer
+                draw.weights = [[w_ih, drop_connect(w_hh, self.weight_drop), b_ih, b_hh]
+                                for w_ih, w_hh, b_ih, b_hh in draw.weights]
+        return draw
 
-        def mask(dim: int, p: float) -> Tensor | None:
-            if p == 0.0:
-                return None
-            return like.new_empty(num_seqs, dim).bernoulli_(1.0 - p).div_(1.0 - p)  # (B, D)
+    def _embed(self, ids: Tensor, words: Tensor | None) -> Tensor:
+        """Embeddings ``(n, E)`` of ``ids`` ``(n,)``, whole words dropped by the ``(V,)`` scale."""
+        x = self.embed(ids)  # (n, E)
+        return x if words is None else x * words[ids].unsqueeze(1)
 
-        return mask(self.embed.embedding_dim, self.dropout_emb), mask(self.rnn.hidden_size, self.dropout_out)
+    def _penalty(self, dropped: Tensor, raw: Tensor, batch_sizes: Tensor) -> Tensor:
+        if not (self.training and (self.ar or self.tar)):
+            return torch.zeros((), device=raw.device)
+        return activation_penalty(dropped, raw, batch_sizes, self.ar, self.tar)
 
     def _logits(self, h: Tensor) -> Tensor | None:
         """Full-softmax logits ``(n, V)``; ``None`` with the adaptive softmax."""
@@ -254,13 +277,20 @@ class RNNLM(nn.Module):
         scores = self._scores(h) if logits is None else logits
         return torch.multinomial(F.softmax(scores.float(), -1), 1, generator=generator).squeeze(1)
 
-    def _step_hidden(
-        self, tokens: Tensor, state: State, emb_mask: Tensor | None = None, out_mask: Tensor | None = None
-    ) -> tuple[Tensor, State]:
-        """One time step for a batch of ``tokens`` ``(b,)``: top-layer output ``(b, H)``, new state."""
-        x = self._dropout(self.embed(tokens), self.dropout_emb, emb_mask)  # (b, E)
-        out, hx = self.rnn(x.unsqueeze(0), st.to_torch(state))  # (1, b, H)
-        return self._dropout(out.squeeze(0), self.dropout_out, out_mask), st.from_torch(hx)  # (b, H)
+    def _step_hidden(self, tokens: Tensor, state: State, draw: _Draw | None = None) -> tuple[Tensor, Tensor, State]:
+        """One time step for a batch of ``tokens`` ``(b,)``, the first ``b`` sorted rows of
+        ``draw``'s masks: top-layer output ``(b, H)`` before and after output dropout, new state."""
+        draw = _Draw() if draw is None else draw
+        b = tokens.size(0)
+        x = self._dropout(self._embed(tokens, draw.words), self.dropout_emb, None if draw.emb is None else draw.emb[:b])
+        if draw.weights is None:
+            out, hx = self.rnn(x.unsqueeze(0), st.to_torch(state))  # (1, b, H)
+            state = st.from_torch(hx)
+        else:
+            between = None if draw.layers is None else [m[:b].unsqueeze(0) for m in draw.layers]  # (1, b, H)
+            out, state = run_rnn(self.rnn, x.unsqueeze(0), None, state, draw.weights, between)  # (1, b, H)
+        raw = out.squeeze(0)  # (b, H)
+        return raw, self._dropout(raw, self.dropout_out, None if draw.out is None else draw.out[:b]), state
 
     # -- training / evaluation ---------------------------------------------------------
 
@@ -285,9 +315,11 @@ class RNNLM(nn.Module):
         ``torch.rand(N, generator=generator)`` in packed order), else the model's own
         prediction at the previous step (argmax, or a softmax sample if ``sample``;
         never differentiated through). Step 0 always reads the ground truth (``<bos>``).
-        The loss is over the same packed targets either way. In training mode the two
-        paths draw dropout from the same distributions (locked masks identically) but
-        from different random streams; in eval mode they agree to float precision.
+        The loss is over the same packed targets either way. In training mode every
+        mask drawn once per call (locked dropout, whole-word dropout, weight drop) is the
+        same in both paths for the same RNG state; plain per-token dropout comes from the
+        same distributions but different random streams. In eval mode no regulariser acts
+        and the paths agree to float precision. AR/TAR come back in ``LMOutput.reg``.
 
         Args:
             batch: a collated batch with ``targets`` (``shift=True``).
@@ -303,7 +335,7 @@ class RNNLM(nn.Module):
                 (see :meth:`_forward_fused`) and returns ``state=None`` there.
             need_logits: ``False`` when only the loss is wanted: ``logits=None`` is
                 returned and the full softmax is scored in chunks of tokens; training on
-                a CPU fuses the output layer with the loss (:class:`_LinearCrossEntropy`).
+                a CPU fuses the output layer with the loss (:func:`lm.losses.linear_cross_entropy_sum`).
 
         Returns:
             :class:`LMOutput`; ``state`` is each sequence's state after its last real
@@ -316,74 +348,89 @@ class RNNLM(nn.Module):
         if not 0.0 <= teacher_forcing <= 1.0:
             raise ValueError(f"teacher_forcing must be in [0, 1], got {teacher_forcing}")
         inputs = batch.inputs
-        masks = self._locked_masks(int(inputs.batch_sizes[0]), self.embed.weight)
+        draw = self._draw(int(inputs.batch_sizes[0]))
         targets = batch.targets.data  # (N,)
         num_tokens = targets.numel()
         if teacher_forcing == 1.0 and not stepwise:
-            fuse_loss = not need_logits and not self.adaptive and torch.is_grad_enabled() and targets.device.type == "cpu"
-            h, logits, state = self._forward_fused(inputs, state, masks, need_state, logits=need_logits)
-            if fuse_loss:
-                nll_sum = _LinearCrossEntropy.apply(h.float(), self.head.weight, self.head.bias, targets, 2048)
-                return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=None, state=state)
+            raw, h, state = self._forward_fused(inputs, state, draw, need_state)  # (N, H) twice
+            reg = self._penalty(h, raw, inputs.batch_sizes)
+            if not need_logits and not self.adaptive and torch.is_grad_enabled() and targets.device.type == "cpu":
+                nll_sum = linear_cross_entropy_sum(h.float(), self.head.weight, self.head.bias, targets)
+                return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=None,
+                                state=state, reg=reg)
+            logits = self._logits(h) if need_logits else None  # (N, V)
         else:
-            h, logits, state = self._forward_stepwise(inputs, state, masks, teacher_forcing, sample, generator)
+            raw, h, logits, state = self._forward_stepwise(inputs, state, draw, teacher_forcing, sample, generator)
+            reg = self._penalty(h, raw, inputs.batch_sizes)
         nll_sum = self._nll(h, logits, targets).sum()
-        return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=logits, state=state)
+        return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=logits, state=state,
+                        reg=reg)
 
     def _forward_fused(
-        self,
-        inputs: PackedSequence,
-        state: State | None,
-        masks: tuple[Tensor | None, Tensor | None],
-        need_state: bool = True,
-        logits: bool = True,
-    ) -> tuple[Tensor, Tensor | None, State | None]:
-        """One RNN call over the whole batch.
+        self, inputs: PackedSequence, state: State | None, draw: _Draw, need_state: bool = True
+    ) -> tuple[Tensor, Tensor, State | None]:
+        """One RNN call over the whole batch (one per layer with locked between-layer masks).
 
         On CPU, torch runs a packed batch whose sequences differ in length through its
         own per-step loop, whose backward costs O(steps x tokens) (3-4x slower here than
         oneDNN's fused kernel). When the final state is not needed, such a batch runs
         padded instead: the padding is compute spent on nothing, but a bucketed batch
         is >99% real tokens, and only the real positions are read back.
+
+        Returns:
+            top-layer outputs ``(N, H)`` before and after output dropout, and the final
+            state in the caller's order (``None`` on the padded path).
         """
-        emb_mask, out_mask = masks
         batch_sizes = inputs.batch_sizes
+        width = int(batch_sizes[0])
         rows = None
-        if emb_mask is not None or out_mask is not None:
+        if draw.emb is not None or draw.out is not None or draw.layers is not None:
             rows = _sequence_rows(batch_sizes).to(inputs.data.device)  # (N,)
-            emb_mask = None if emb_mask is None else emb_mask[rows]  # (N, E)
-            out_mask = None if out_mask is None else out_mask[rows]  # (N, H)
-        x = self._dropout(self.embed(inputs.data), self.dropout_emb, emb_mask)  # (N, E)
+        emb_mask = None if draw.emb is None else draw.emb[rows]  # (N, E)
+        out_mask = None if draw.out is None else draw.out[rows]  # (N, H)
+        x = self._dropout(self._embed(inputs.data, draw.words), self.dropout_emb, emb_mask)  # (N, E)
         if not need_state and x.device.type == "cpu" and batch_sizes[0] != batch_sizes[-1]:
-            steps, width = len(batch_sizes), int(batch_sizes[0])
+            steps = len(batch_sizes)
             rows = _sequence_rows(batch_sizes) if rows is None else rows.cpu()  # (N,) sorted row of each token
             t = torch.repeat_interleave(torch.arange(steps), batch_sizes)  # (N,) time step of each token
             flat = t * width + rows  # (N,) position in the padded (T, B) grid
             padded = x.new_zeros(steps * width, x.size(1)).index_copy(0, flat, x).view(steps, width, -1)  # (T, B, E)
-            out, _ = self.rnn(padded, st.to_torch(None if state is None else _to_sorted(state, inputs)))  # (T, B, H)
-            h = self._dropout(out.reshape(steps * width, -1)[flat], self.dropout_out, out_mask)  # (N, H)
-            return h, self._logits(h) if logits else None, None
-        # nn.RNNBase sorts the caller's state by inputs.sorted_indices and un-sorts h_n.
-        out, hx = self.rnn(inputs._replace(data=x), st.to_torch(state))
-        h = self._dropout(out.data, self.dropout_out, out_mask)  # (N, H)
-        return h, self._logits(h) if logits else None, st.from_torch(hx)
+            sorted_state = None if state is None else _to_sorted(state, inputs)
+            if draw.weights is None:
+                out, _ = self.rnn(padded, st.to_torch(sorted_state))  # (T, B, H)
+            else:
+                between = None if draw.layers is None else [m.unsqueeze(0) for m in draw.layers]  # (1, B, H)
+                sorted_state = self.init_state(width, x.device) if sorted_state is None else sorted_state
+                out, _ = run_rnn(self.rnn, padded, None, sorted_state, draw.weights, between)  # (T, B, H)
+            raw = out.reshape(steps * width, -1)[flat]  # (N, H)
+            return raw, self._dropout(raw, self.dropout_out, out_mask), None
+        if draw.weights is None:
+            # nn.RNNBase sorts the caller's state by inputs.sorted_indices and un-sorts h_n.
+            out, hx = self.rnn(inputs._replace(data=x), st.to_torch(state))
+            raw, state = out.data, st.from_torch(hx)  # (N, H)
+        else:
+            between = None if draw.layers is None else [m[rows] for m in draw.layers]  # (N, H) each
+            sorted_state = self.init_state(width, x.device) if state is None else _to_sorted(state, inputs)
+            raw, hx = run_rnn(self.rnn, x, batch_sizes, sorted_state, draw.weights, between)  # (N, H)
+            state = _to_caller(hx, inputs)
+        return raw, self._dropout(raw, self.dropout_out, out_mask), state
 
     def _forward_stepwise(
         self,
         inputs: PackedSequence,
         state: State | None,
-        masks: tuple[Tensor | None, Tensor | None],
+        draw: _Draw,
         teacher_forcing: float,
         sample: bool,
         generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor | None, State]:
-        emb_mask, out_mask = masks
+    ) -> tuple[Tensor, Tensor, Tensor | None, State]:
         batch_sizes = inputs.batch_sizes.tolist()
         truth = inputs.data  # (N,)
         state = self.init_state(batch_sizes[0], truth.device) if state is None else _to_sorted(state, inputs)
         free_running = teacher_forcing < 1.0
         if free_running:
             use_truth = torch.rand(truth.numel(), generator=generator, device=truth.device) < teacher_forcing  # (N,)
+        raws: list[Tensor] = []
         hs: list[Tensor] = []
         logits: list[Tensor | None] = []
         ended: list[State] = []  # states of sequences as they finish: shortest last
@@ -397,22 +444,18 @@ class RNNLM(nn.Module):
             if bs < running:  # the (sorted) tail has ended: keep its state, drop it from the batch
                 ended.append(st.narrow(state, running - bs, start=bs))
                 state = st.narrow(state, bs)
-            h, state = self._step_hidden(
-                tokens,
-                state,
-                None if emb_mask is None else emb_mask[:bs],
-                None if out_mask is None else out_mask[:bs],
-            )  # (bs, H)
+            raw, h, state = self._step_hidden(tokens, state, draw)  # (bs, H) twice
             step_logits = self._logits(h)  # (bs, V) or None
             if free_running:
                 prev = self._predict(h, step_logits, sample, generator)
+            raws.append(raw)
             hs.append(h)
             logits.append(step_logits)
             offset += bs
         ended.append(state)
         state = st.cat(ended[::-1])  # sorted order, longest first
         all_logits = None if self.adaptive else torch.cat(logits)  # (N, V)
-        return torch.cat(hs), all_logits, _to_caller(state, inputs)
+        return torch.cat(raws), torch.cat(hs), all_logits, _to_caller(state, inputs)
 
     # -- decoding ------------------------------------------------------------------------
 
@@ -447,84 +490,23 @@ class RNNLM(nn.Module):
         """
         if state is None:
             state = self.init_state(tokens.size(0), tokens.device)
-        h, state = self._step_hidden(tokens, state)  # (B, H)
+        _, h, state = self._step_hidden(tokens, state)  # (B, H)
         return self._scores(h), state
 
 
-@dataclass
-class EncoderOutput:
-    """What :meth:`RNNEncoder.forward` returns.
+def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
+    """The model a recipe's ``model:`` section describes.
 
-    Attributes:
-        outputs: ``(L, B, num_dirs * H)`` (``(B, L, ...)`` if ``batch_first``), caller's
-            order, zeros past each sequence's length; forward direction in the first
-            ``H`` features, backward in the last ``H``.
-        lengths: ``(B,)`` CPU int64 lengths, caller's order.
-        state: ``(h_n,)`` or ``(h_n, c_n)``, each ``(num_layers * num_dirs, B, H)``,
-            caller's order; see :meth:`RNNEncoder.by_layer`.
+    Raises:
+        UserError: a combination the model refuses.
     """
-
-    outputs: Tensor
-    lengths: Tensor
-    state: State
-
-
-class RNNEncoder(nn.Module):
-    """Embedding → (bidirectional, multi-layer) GRU | LSTM | RNN encoder for packed batches.
-
-    Args:
-        vocab_size: number of token ids.
-        cell: ``"gru"``, ``"lstm"`` or ``"rnn"``.
-        embed_dim: embedding size.
-        hidden_size: hidden size per direction.
-        num_layers: stacked layers.
-        bidirectional: run a backward direction too.
-        dropout: dropout between layers.
-        pad_id: padding id for ``nn.Embedding``'s ``padding_idx`` (or ``None``).
-        batch_first: return ``outputs`` as ``(B, L, ...)``.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        *,
-        cell: str = "gru",
-        embed_dim: int = 256,
-        hidden_size: int = 256,
-        num_layers: int = 1,
-        bidirectional: bool = True,
-        dropout: float = 0.0,
-        pad_id: int | None = 0,
-        batch_first: bool = False,
-    ) -> None:
-        super().__init__()
-        _check_prob("dropout", dropout)
-        self.batch_first = batch_first
-        self.num_dirs = 2 if bidirectional else 1
-        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.rnn = _make_rnn(cell, embed_dim, hidden_size, num_layers, dropout, bidirectional)
-
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        """Zero state, each tensor ``(num_layers * num_dirs, B, H)``."""
-        return st.init_state(self.rnn, batch_size, device=device)
-
-    def forward(self, batch: PackedBatch | PackedSequence, state: State | None = None) -> EncoderOutput:
-        """Encode packed token ids.
-
-        Args:
-            batch: a collated batch (its ``inputs`` are encoded) or a ``PackedSequence``.
-            state: initial state in the caller's order, or ``None`` for zeros.
-
-        Returns:
-            :class:`EncoderOutput`, in the caller's order.
-        """
-        inputs = batch.inputs if isinstance(batch, PackedBatch) else batch
-        x = inputs._replace(data=self.embed(inputs.data))  # (N, E)
-        out, hx = self.rnn(x, st.to_torch(state))
-        outputs, lengths = pad_packed_sequence(out, batch_first=self.batch_first)  # (L, B, D*H)
-        return EncoderOutput(outputs=outputs, lengths=lengths, state=st.from_torch(hx))
-
-    def by_layer(self, state: State) -> State:
-        """View each state tensor as ``(num_layers, num_dirs, B, H)``: ``[-1, 0]`` is the
-        top layer's forward direction, ``[-1, 1]`` its backward direction."""
-        return tuple(st.by_layer(s, self.rnn.num_layers, self.num_dirs) for s in state)
+    try:
+        return RNNLM(
+            vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
+            dropout_emb=m.dropout_emb, dropout_rnn=m.dropout_rnn if m.num_layers > 1 else 0.0,
+            dropout_out=m.dropout_out, locked_dropout=m.locked_dropout, locked_dropout_rnn=m.locked_dropout_rnn,
+            weight_drop=m.weight_drop, dropout_words=m.dropout_words, ar=m.ar, tar=m.tar, tie_weights=m.tie_weights,
+            adaptive_cutoffs=m.adaptive_cutoffs, pad_id=0,
+        )
+    except ValueError as e:
+        raise UserError(f"model: {e}") from None

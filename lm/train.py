@@ -27,6 +27,7 @@ DDP, evaluation sums are reduced across ranks, and only rank 0 logs and writes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -46,9 +47,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lm import checkpoint
+from lm.averaging import WeightAverage
 from lm import state as st
-from lm.config import ModelConfig, Recipe, TrainConfig, load
-from lm.model import RNNLM
+from lm.config import Recipe, TrainConfig, load
+from lm.model import RNNLM, build_model
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.bptt import StreamWindows
 from pipeline.collate import PackedBatch, PackedCollator
@@ -240,19 +242,6 @@ def _prepare_data(recipe: Recipe, d: Dist) -> dict:
 # --------------------------------------------------------------------------- model and optimiser
 
 
-def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
-    """The model a recipe's ``model:`` section describes."""
-    try:
-        return RNNLM(
-            vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
-            dropout_emb=m.dropout_emb, dropout_rnn=m.dropout_rnn if m.num_layers > 1 else 0.0,
-            dropout_out=m.dropout_out, locked_dropout=m.locked_dropout, tie_weights=m.tie_weights,
-            adaptive_cutoffs=m.adaptive_cutoffs, pad_id=0,
-        )
-    except ValueError as e:
-        raise UserError(f"model: {e}") from None
-
-
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -386,6 +375,7 @@ class _Run:
     report: "_Reporter"
     stop: _Stop
     p: Progress = field(default_factory=Progress)
+    average: WeightAverage | None = None  # NT-ASGD's running mean of the weights
     carry: tuple | None = None  # stream mode: the detached state carried into the next window
     clock0: float = 0.0  # perf_counter at the (re)start, minus the elapsed time restored
     window: dict = field(default_factory=dict)  # train loss summed on the device since the last log
@@ -458,16 +448,23 @@ def _setup(recipe: Recipe, d: Dist) -> _Run:
     model = build_model(recipe.model, manifest["vocab_size"]).to(device)
     ddp = model
     if d.world > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # an adaptive softmax's tail cluster gets no gradient on a rank whose batch has no target in it
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=model.may_leave_parameters_unused)
     optimizer = _optimizer(model, cfg)
+    average = None
+    if cfg.average != "off":
+        average = WeightAverage(model, nonmono=cfg.nonmono if cfg.average == "nonmono" else None)
     meta = {"recipe": to_dict(recipe), "tokenizer": (folder / "tokenizer.json").read_text(encoding="utf-8"),
             "special_ids": manifest["special_ids"], "vocab_size": manifest["vocab_size"],
             "data_fingerprint": manifest["fingerprint"]}
     out_dir = cfg.output_dir
     r = _Run(recipe=recipe, d=d, device=device, model=model, ddp=ddp, optimizer=optimizer, lr_at=LRSchedule(cfg),
              train=train, val=val, test=test, meta=meta, out_dir=out_dir, metrics=None, report=None,
-             stop=_Stop(announce=d.main))
+             stop=_Stop(announce=d.main), average=average)
     resumed = _resume(r)
+    if average is not None and cfg.average == "always" and not resumed:
+        average.start(0)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(_yaml(to_dict(recipe)))
@@ -515,12 +512,15 @@ def _step(r: _Run, batch: PackedBatch, lr_scale: float) -> None:
                     need_state=r.train.carries_state, need_logits=False)
     if r.train.carries_state:
         r.carry = st.detach(out.state)  # truncated BPTT: the state goes on, its graph does not
-    loss = out.nll_sum * (d.world / global_tokens)
+    # out.reg: AR/TAR, a per-rank mean that DDP's gradient averaging makes the mean over ranks
+    loss = out.nll_sum * (d.world / global_tokens) + out.reg
     r.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
     if torch.isfinite(grad_norm):  # the step's one host sync
         r.optimizer.step()
+        if r.average is not None:
+            r.average.update()
         p.nonfinite = 0
     else:
         p.nonfinite += 1
@@ -651,15 +651,18 @@ def _validate(r: _Run) -> float:
     p = r.p
     if p.last_val_step == p.step:
         return p.last_val_loss
-    nll, tokens = evaluate(r.model, r.val, r.device, r.d, r.cfg.amp)
-    loss = nll / tokens
-    improved = loss < p.best_val
+    with r.average.swapped() if r.average is not None else contextlib.nullcontext():
+        nll, tokens = evaluate(r.model, r.val, r.device, r.d, r.cfg.amp)
+        loss = nll / tokens
+        improved = loss < p.best_val
+        if improved:
+            p.best_val = loss
+            if r.d.main:
+                checkpoint.save({**r.meta, "model": r.model.state_dict(), "step": p.step, "val_loss": loss},
+                                r.ckpt_dir / "best.pt")
     r.lr_at.on_validation(loss)
-    if improved:
-        p.best_val = loss
-        if r.d.main:
-            checkpoint.save({**r.meta, "model": r.model.state_dict(), "step": p.step, "val_loss": loss},
-                            r.ckpt_dir / "best.pt")
+    if r.average is not None and r.average.on_validation(loss, p.step):
+        r.report.say(f"step {p.step}: validation stopped improving; averaging the weights from here (NT-ASGD)")
     p.last_val_step, p.last_val_loss = p.step, loss
     ppl = _ppl(nll, tokens)
     r.metrics.write({"step": p.step, "epoch": p.epoch, "split": "validation", "loss": loss, "ppl": ppl,
@@ -680,6 +683,7 @@ def _save(r: _Run, kind: str) -> None:
     state = {**r.meta, "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
              "schedule": r.lr_at.state_dict(), "data": r.train.state_dict(p.consumed),
              "progress": vars(p).copy(), "rng": all_rng, "kind": kind, "carry": carry, "world": d.world,
+             "average": None if r.average is None else r.average.state_dict(),
              "tf_ratio": teacher_forcing_ratio(r.cfg.teacher_forcing, p.step)}
     checkpoint.save(state, checkpoint.step_path(r.ckpt_dir, p.step))
     checkpoint.prune(r.ckpt_dir, r.cfg.keep_checkpoints)
@@ -716,6 +720,8 @@ def _resume(r: _Run) -> Path | None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this recipe's model/data: {checkpoint.mismatch(e)}") from None
     r.lr_at.load_state_dict(ckpt["schedule"])
+    if r.average is not None and ckpt.get("average") is not None:
+        r.average.load_state_dict(ckpt["average"])
     for k, v in ckpt["progress"].items():
         setattr(r.p, k, v)
     rng = ckpt["rng"]

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from lm.config import Recipe, load
-from lm.train import build_model, _yaml
+from lm.model import build_model
+from lm.train import _yaml
 from pipeline.config import field_names, to_dict
 from pipeline.data import read_manifest
 

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 import lm.generate
 import lm.train
+from lm.config import ModelConfig
+from lm.model import build_model
 from lm.train import Dist, _check_replicas, evaluate
 from pipeline.collate import PackedCollator
 from pipeline.data import TokenDataset
@@ -77,7 +79,7 @@ def test_torchrun_two_ranks_uneven_batches(toy_recipe, toy_prepared, lm_env):
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return lm.train.build_model(lm.train.ModelConfig(cell="gru", embed_dim=8, hidden_size=8, num_layers=1), 11)
+    return build_model(ModelConfig(cell="gru", embed_dim=8, hidden_size=8, num_layers=1), 11)
 
 
 def two_ranks(other) -> Dist:

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_packed_sequence, pad_sequence
 
 from lm import state as st
-from lm.model import RNNLM, RNNEncoder, _sequence_rows
+from lm.encoder import RNNEncoder
+from lm.losses import linear_cross_entropy_sum
+from lm.model import RNNLM, _sequence_rows
 from pipeline.collate import PackedBatch, PackedCollator
 
 CELLS = ["gru", "lstm", "rnn"]
@@ -107,6 +109,20 @@ def test_fused_output_layer_and_loss_equals_logits_path(tie):
     h, t = torch.randn(13, 16), torch.randint(0, V, (13,))  # chunks of 5, 5, 3
     with torch.no_grad():
         torch.testing.assert_close(model._nll(h, None, t, chunk=5), F.cross_entropy(model.head(h), t, reduction="none"))
+
+
+def test_fused_loss_refuses_a_second_derivative():
+    """Its backward returns gradients computed in the forward pass, constants to autograd,
+    so differentiating them again must raise instead of coming out silently incomplete."""
+    h = torch.randn(7, 5, requires_grad=True)
+    w, b = torch.randn(11, 5, requires_grad=True), torch.zeros(11, requires_grad=True)
+    t = torch.randint(0, 11, (7,))
+    loss = linear_cross_entropy_sum(h, w, b, t, chunk=3)
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.t() + b, t, reduction="sum"))
+    scale = torch.tensor(2.0, requires_grad=True)  # makes the incoming gradient differentiable
+    (grad_h,) = torch.autograd.grad(loss * scale, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_h.sum().backward()
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -390,9 +406,16 @@ def test_bidirectional_gru_encoder_final_states(batch_first):
     assert out.lengths.tolist() == [len(s) - 1 for s in SEQS]
     (h_n,) = out.state
     assert h_n.shape == (2 * 2, B, H)
-    ref, _ = pad_packed_sequence(enc.rnn(batch.inputs._replace(data=enc.embed(batch.inputs.data)))[0])
     outputs = out.outputs.transpose(0, 1) if batch_first else out.outputs  # (L, B, 2H)
-    assert torch.equal(outputs, ref)
+    # Reference: a plain nn.GRU with the same weights on each sequence alone, unpadded, so
+    # its backward direction starts at the sequence's own last token.
+    gru = torch.nn.GRU(8, H, num_layers=2, bidirectional=True)
+    gru.load_state_dict(enc.rnn.state_dict())
+    for b, s in enumerate(SEQS):
+        n = len(s) - 1
+        ref_out, ref_h = gru(enc.embed(torch.tensor(s[:-1]))[:, None])  # (n, 1, 2H), (4, 1, H)
+        torch.testing.assert_close(outputs[:n, b], ref_out[:, 0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(h_n[:, b], ref_h[:, 0], atol=1e-6, rtol=0)
     (layers,) = enc.by_layer(out.state)  # (num_layers, 2, B, H)
     for b, n in enumerate(out.lengths.tolist()):
         assert torch.equal(layers[-1, 0, b], outputs[n - 1, b, :H])  # forward: last real step

@@ -371,11 +371,13 @@ class RNNLM(nn.Module):
     ) -> tuple[Tensor, Tensor, State | None]:
         """One RNN call over the whole batch (one per layer with locked between-layer masks).
 
-        On CPU, torch runs a packed batch whose sequences differ in length through its
-        own per-step loop, whose backward costs O(steps x tokens) (3-4x slower here than
-        oneDNN's fused kernel). When the final state is not needed, such a batch runs
-        padded instead: the padding is compute spent on nothing, but a bucketed batch
-        is >99% real tokens, and only the real positions are read back.
+        A batch of equal lengths (every stream-mode window, most bucketed batches) is
+        already a time-major ``(T, B)`` grid: it runs unpacked, as a view. On CPU, torch
+        runs a packed batch whose sequences differ in length through its own per-step
+        loop, whose backward costs O(steps x tokens) (3-4x slower here than oneDNN's
+        fused kernel). When the final state is not needed, such a batch runs padded
+        instead: the padding is compute spent on nothing, but a bucketed batch is >99%
+        real tokens, and only the real positions are read back.
 
         Returns:
             top-layer outputs ``(N, H)`` before and after output dropout, and the final
@@ -389,21 +391,27 @@ class RNNLM(nn.Module):
         emb_mask = None if draw.emb is None else draw.emb[rows]  # (N, E)
         out_mask = None if draw.out is None else draw.out[rows]  # (N, H)
         x = self._dropout(self._embed(inputs.data, draw.words), self.dropout_emb, emb_mask)  # (N, E)
-        if not need_state and x.device.type == "cpu" and batch_sizes[0] != batch_sizes[-1]:
+        uniform = bool(batch_sizes[0] == batch_sizes[-1])
+        if uniform or (not need_state and x.device.type == "cpu"):
             steps = len(batch_sizes)
-            rows = _sequence_rows(batch_sizes) if rows is None else rows.cpu()  # (N,) sorted row of each token
-            t = torch.repeat_interleave(torch.arange(steps), batch_sizes)  # (N,) time step of each token
-            flat = t * width + rows  # (N,) position in the padded (T, B) grid
-            padded = x.new_zeros(steps * width, x.size(1)).index_copy(0, flat, x).view(steps, width, -1)  # (T, B, E)
+            if uniform:  # equal lengths (stream windows, most bucketed batches): the packed data is the grid
+                padded, flat = x.view(steps, width, -1), None  # (T, B, E)
+            else:
+                rows = _sequence_rows(batch_sizes) if rows is None else rows.cpu()  # (N,) sorted row of each token
+                t = torch.repeat_interleave(torch.arange(steps), batch_sizes)  # (N,) time step of each token
+                flat = t * width + rows  # (N,) position in the padded (T, B) grid
+                padded = x.new_zeros(steps * width, x.size(1)).index_copy(0, flat, x).view(steps, width, -1)  # (T, B, E)
             sorted_state = None if state is None else _to_sorted(state, inputs)
             if draw.weights is None:
-                out, _ = self.rnn(padded, st.to_torch(sorted_state))  # (T, B, H)
+                out, hx = self.rnn(padded, st.to_torch(sorted_state))  # (T, B, H)
+                hx = st.from_torch(hx)
             else:
                 between = None if draw.layers is None else [m.unsqueeze(0) for m in draw.layers]  # (1, B, H)
                 sorted_state = self.init_state(width, x.device) if sorted_state is None else sorted_state
-                out, _ = run_rnn(self.rnn, padded, None, sorted_state, draw.weights, between)  # (T, B, H)
-            raw = out.reshape(steps * width, -1)[flat]  # (N, H)
-            return raw, self._dropout(raw, self.dropout_out, out_mask), None
+                out, hx = run_rnn(self.rnn, padded, None, sorted_state, draw.weights, between)  # (T, B, H)
+            raw = out.reshape(steps * width, -1)  # (T * B, H)
+            raw = raw if flat is None else raw[flat]  # (N, H)
+            return raw, self._dropout(raw, self.dropout_out, out_mask), _to_caller(hx, inputs) if uniform else None
         if draw.weights is None:
             # nn.RNNBase sorts the caller's state by inputs.sorted_indices and un-sorts h_n.
             out, hx = self.rnn(inputs._replace(data=x), st.to_torch(state))

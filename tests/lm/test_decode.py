@@ -1,9 +1,11 @@
 """generate(): packed prefill + batched steps == the one-prompt-at-a-time notebook loop;
-stopping at <eos> and max_new_tokens; sampling options."""
+stopping at <eos> and max_new_tokens; sampling options; banned ids."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_packed_sequence
 
 from lm.decode import generate
 from lm.model import RNNLM
@@ -24,15 +26,16 @@ def make_model(cell: str, seed: int = 0, **kw) -> RNNLM:
 
 
 @torch.no_grad()
-def reference(model: RNNLM, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
-    """The notebook's loop: one prompt, token by token from a zero state, greedy."""
+def reference(model: RNNLM, prompt: list[int], max_new_tokens: int, eos_id: int, banned: tuple = ()) -> list[int]:
+    """The notebook's loop: one prompt, token by token from a zero state, greedy (the best
+    id not in ``banned``)."""
     model.eval()
     state = model.init_state(1)
     for tok in prompt:
         scores, state = model.step(torch.tensor([tok]), state)
     new = []
     for _ in range(max_new_tokens):
-        tok = int(scores.argmax(-1))
+        tok = max((i for i in range(scores.size(-1)) if i not in banned), key=lambda i: float(scores[0, i]))
         if tok == eos_id:
             break
         new.append(tok)
@@ -138,3 +141,75 @@ def test_prompts_must_be_non_empty_and_mode_is_restored():
     assert generate(model, [], max_new_tokens=3, eos_id=2) == []
     generate(model, [[1]], max_new_tokens=3, eos_id=2)
     assert model.training
+
+
+class TableLM(nn.Module):
+    """A fake language model whose scores depend only on the last token: ``table[last]``.
+
+    It has what ``generate`` uses (``embed``, ``prefill``, ``step``); its state ``(1, B, 1)``
+    is unused but has the batch dimension a real state has."""
+
+    def __init__(self, table: list[list[float]]):
+        super().__init__()
+        self.table = torch.tensor(table)  # (V, V)
+        self.embed = nn.Embedding(len(table), 1)
+
+    def prefill(self, packed, state=None):
+        padded, lengths = pad_packed_sequence(packed)  # (T, B), caller's order
+        last = padded[lengths - 1, torch.arange(len(lengths))]  # (B,)
+        return self.table[last], (last.view(1, -1, 1).float(),)
+
+    def step(self, tokens, state):
+        return self.table[tokens], (tokens.view(1, -1, 1).float(),)
+
+
+# From token t the scores rank the ids as written; id 3 plays <unk>, id 2 <eos>.
+#          0     1     2     3     4     5
+TABLE = [[0.0, -9.0, -5.0, 9.0, 1.0, 2.0],  # 0: <unk> > 5 > 4 > 0 > <eos>
+         [0.0, -9.0, -5.0, 9.0, 8.0, 1.0],  # 1: <unk> > 4 > 5
+         [0.0, -9.0, -5.0, 0.0, 0.0, 0.0],
+         [0.0, -9.0, 7.0, 9.0, -1.0, 1.0],  # 3: <unk> > <eos> > 5
+         [0.0, -9.0, 3.0, 9.0, 1.0, 5.0],  # 4: <unk> > 5 > <eos>
+         [0.0, -9.0, 6.0, 5.0, 1.0, 0.5]]  # 5: <eos> > <unk> > 4
+
+
+def test_banned_ids_greedy_takes_the_best_allowed_token():
+    model = TableLM(TABLE)
+    assert generate(model, [[1], [4]], max_new_tokens=4, eos_id=2) == [[3, 3, 3, 3], [3, 3, 3, 3]]
+    # <unk> banned: 1 -> 4 -> 5 -> <eos>;  4 -> 5 -> <eos>
+    assert generate(model, [[1], [4]], max_new_tokens=4, eos_id=2, banned_ids=[3]) == [[4, 5], [5]]
+    # <eos> banned too: every sequence runs to max_new_tokens
+    assert generate(model, [[0]], max_new_tokens=5, eos_id=2, banned_ids=[2, 3, 0]) == [[5, 4, 5, 4, 5]]
+    # a banned id that is never the best changes nothing
+    assert generate(model, [[1], [4]], max_new_tokens=4, eos_id=2, banned_ids=[1]) == [[3, 3, 3, 3], [3, 3, 3, 3]]
+
+
+def test_banned_ids_are_never_sampled():
+    model = TableLM(TABLE)
+    gen = torch.Generator().manual_seed(0)
+    got = generate(model, [[0]] * 20, max_new_tokens=10, eos_id=-1, temperature=50.0, banned_ids=[3, 0],
+                   generator=gen)
+    drawn = {t for g in got for t in g}
+    assert drawn == {1, 2, 4, 5}  # a high temperature draws every allowed id, and no banned one
+    # top-k counts allowed ids only: the 2 best allowed after 0 are 5 and 4
+    got = generate(model, [[0]] * 20, max_new_tokens=1, eos_id=-1, temperature=1.0, top_k=2, banned_ids=[3],
+                   generator=gen)
+    assert {g[0] for g in got} == {4, 5}
+
+
+@pytest.mark.parametrize("cutoffs", [None, [6]])
+def test_banned_ids_on_a_real_model_equal_the_masked_reference(cutoffs):
+    model = make_model("lstm", adaptive_cutoffs=cutoffs)
+    free = generate(model, PROMPTS, max_new_tokens=8, eos_id=-1)
+    banned = tuple(sorted({g[0] for g in free}))  # every prompt's first pick is banned
+    got = generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, banned_ids=banned)
+    assert got == [reference(model, p, 8, -1, banned) for p in PROMPTS]
+    assert not {t for g in got for t in g} & set(banned)
+
+
+def test_banned_ids_are_checked():
+    model = TableLM(TABLE)
+    with pytest.raises(ValueError, match=r"ids in \[0, 6\)"):
+        generate(model, [[1]], max_new_tokens=2, eos_id=2, banned_ids=[6])
+    with pytest.raises(ValueError, match="bans every token"):
+        generate(model, [[1]], max_new_tokens=2, eos_id=2, banned_ids=range(6))

@@ -213,3 +213,132 @@ def test_banned_ids_are_checked():
         generate(model, [[1]], max_new_tokens=2, eos_id=2, banned_ids=[6])
     with pytest.raises(ValueError, match="bans every token"):
         generate(model, [[1]], max_new_tokens=2, eos_id=2, banned_ids=range(6))
+
+
+# --------------------------------------------------------------------------- text in, text out (lm.generate)
+
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "cat", "sat"]
+# Scores after each token: from <bos> and from "cat" the best is <unk>; without <unk>,
+# <bos> -> cat -> sat -> <eos>.
+#               <pad> <bos> <eos> <unk>  cat   sat
+WORD_TABLE = [[0.0, -9.0, 0.0, 0.0, 0.0, 0.0],  # <pad> (never fed)
+              [-5.0, -9.0, -3.0, 4.0, 3.0, 1.0],  # <bos>: <unk> > cat
+              [0.0, -9.0, 0.0, 0.0, 0.0, 0.0],  # <eos> (never fed)
+              [-5.0, -9.0, -3.0, 2.0, 4.0, 1.0],  # <unk>: cat > <unk>
+              [-5.0, -9.0, 1.0, 4.0, -1.0, 3.0],  # cat: <unk> > sat > <eos>
+              [-5.0, -9.0, 4.0, 3.0, 1.0, -1.0]]  # sat: <eos> > <unk> > cat
+
+
+def table_rnnlm(table: list[list[float]]) -> RNNLM:
+    """A real one-layer Elman ``RNNLM`` with fixed weights whose scores after token ``x`` are
+    ``table[x]`` up to a factor tanh(5) (one-hot hidden state, no recurrence)."""
+    v = len(table)
+    model = RNNLM(v, cell="rnn", embed_dim=v, hidden_size=v, num_layers=1,
+                  dropout_emb=0.0, dropout_rnn=0.0, dropout_out=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.embed.weight.copy_(5 * torch.eye(v))  # h = tanh(5 * onehot(x))
+        model.rnn.weight_ih_l0.copy_(torch.eye(v))
+        model.head.weight.copy_(torch.tensor(table).T)  # logits = table[x] * tanh(5)
+    return model.eval()
+
+
+def word_tokenizer_json(words: list[str]) -> str:
+    """A whitespace word tokenizer with the toolkit's special tokens, as pipeline.prepare builds one."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in words[:4]])
+    return tok.to_str()
+
+
+SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+
+
+def test_complete_shows_unk_and_no_unk_takes_the_best_word(capsys):
+    from lm.generate import complete
+
+    model, tok = table_rnnlm(WORD_TABLE), word_tokenizer_json(WORDS)
+    prompts = ["cat", "", "sat"]
+    got = complete(model, tok, SPECIAL_IDS, prompts, max_new_tokens=4)
+    # generated <unk> are shown, not dropped; "" starts from <bos>; sat -> <eos> at once
+    assert got == ["cat <unk> cat <unk> cat", "<unk> cat <unk> cat", "sat"]
+    got = complete(model, tok, SPECIAL_IDS, prompts, max_new_tokens=4, banned_ids=[3])
+    assert got == ["cat sat", "cat sat", "sat"]
+    got = complete(model, tok, SPECIAL_IDS, ["sat"], max_new_tokens=3, banned_ids=[2, 3])  # no <eos> either
+    assert got == ["sat cat sat cat"]
+    assert capsys.readouterr().err == ""  # every prompt word was known
+
+
+def test_complete_reads_unknown_prompt_words_as_unk_and_names_them(capsys):
+    from lm.generate import complete
+
+    model, tok = table_rnnlm(WORD_TABLE), word_tokenizer_json(WORDS)
+    got = complete(model, tok, SPECIAL_IDS, ["The cat", "a dog  sat a <unk>"], max_new_tokens=2, banned_ids=[3])
+    # the prompt as the model read it (a literal <unk> is the token, no warning), then 2 new words
+    assert got == ["<unk> cat sat", "<unk> <unk> sat <unk> <unk> cat sat"]
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: prompt 'The cat': not in the vocabulary, read as <unk>: The",
+        "warning: prompt 'a dog  sat a <unk>': not in the vocabulary, read as <unk>: a, dog",
+    ]
+    complete(model, tok, SPECIAL_IDS, ["The cat"], max_new_tokens=1, warn=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def table_checkpoint(tmp_path):
+    """A checkpoint of ``table_rnnlm(WORD_TABLE)`` with its word tokenizer, as lm.train writes one."""
+    from lm import checkpoint
+
+    model = {"cell": "rnn", "embed_dim": 6, "hidden_size": 6, "num_layers": 1,
+             "dropout_emb": 0.0, "dropout_rnn": 0.0, "dropout_out": 0.0}
+    path = tmp_path / "table.pt"
+    checkpoint.save({"recipe": {"model": model}, "vocab_size": 6, "model": table_rnnlm(WORD_TABLE).state_dict(),
+                     "tokenizer": word_tokenizer_json(WORDS), "special_ids": SPECIAL_IDS}, path)
+    return str(path)
+
+
+def run_generate(capsys, *args: str) -> tuple[list[str], list[str]]:
+    import lm.generate
+
+    capsys.readouterr()
+    assert lm.generate.main(list(args)) == 0
+    out, err = capsys.readouterr()
+    return out.splitlines(), err.splitlines()
+
+
+def test_cli_shows_unk_and_bans_tokens(table_checkpoint, capsys):
+    prompts = ["--prompt", "cat", "--prompt", "", "--prompt", "The cat", "--max-new-tokens", "4"]
+    out, err = run_generate(capsys, table_checkpoint, *prompts)
+    assert out == ["cat <unk> cat <unk> cat", "<unk> cat <unk> cat", "<unk> cat <unk> cat <unk> cat"]
+    assert err == ["warning: prompt 'The cat': not in the vocabulary, read as <unk>: The"]
+    for ban in (["--no-unk"], ["--ban", "<unk>"], ["--ban", "3"], ["--ban", "<pad>", "--ban", "<unk>", "1"]):
+        out, _ = run_generate(capsys, table_checkpoint, *prompts, *ban)
+        assert out == ["cat sat", "cat sat", "<unk> cat sat"], ban
+    out, _ = run_generate(capsys, table_checkpoint, "--prompt", "sat", "--no-unk", "--ban", "<eos>", "--max-new-tokens", "3")
+    assert out == ["sat cat sat cat"]
+
+
+def test_cli_top_k_alone_samples_at_temperature_one(table_checkpoint, capsys):
+    base = [table_checkpoint, *["--prompt", "cat"] * 8, "--max-new-tokens", "6"]
+    greedy, _ = run_generate(capsys, *base)
+    assert run_generate(capsys, *base, "--top-k", "1")[0] == greedy  # the best token only: greedy
+    sampled, _ = run_generate(capsys, *base, "--top-k", "3", "--seed", "1")
+    assert sampled == run_generate(capsys, *base, "--top-k", "3", "--temperature", "1.0", "--seed", "1")[0]
+    assert sampled != greedy
+
+
+def test_cli_help_names_every_option_and_its_default(capsys):
+    import lm.generate
+
+    with pytest.raises(SystemExit) as e:
+        lm.generate.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--prompt", "--max-new-tokens", "--temperature", "--top-k", "--seed", "--no-unk", "--ban",
+                 "--device", "--debug"):
+        assert flag in text
+    assert "(default: 30)" in text and "(default: cpu)" in text and "(default: 0)" in text
+    assert "an empty prompt starts from <bos>" in text

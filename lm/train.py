@@ -13,7 +13,6 @@ DDP, evaluation sums are reduced across ranks, and only rank 0 logs and writes.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -38,7 +37,7 @@ from lm.model import RNNLM
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.config import to_dict
 from pipeline.data import TokenDataset, make_loader, read_manifest
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 from pipeline.sampling import BucketBatchSampler
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
@@ -551,7 +550,7 @@ def _yaml(data: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lm.train", description="Train a GRU/LSTM language model from a recipe.")
+    ap = ArgumentParser(prog="python -m lm.train", description="Train a GRU/LSTM language model from a recipe.")
     ap.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.cell=gru")
     args = ap.parse_args(argv)

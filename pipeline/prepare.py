@@ -12,7 +12,6 @@ behind. Re-running with the same data section and unchanged sources is a cache h
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import json
@@ -31,7 +30,7 @@ import pyarrow as pa
 
 from pipeline.config import SPLITS, DataConfig, load_data_config, to_dict
 from pipeline.data import MANIFEST, TokenDataset
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 
 FORMAT_VERSION = 1
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3: <pad> = 0 is the notebook's pad id
@@ -533,7 +532,7 @@ def summary_table(manifest: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted data.* overrides, e.g. data.max_len=128")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")

@@ -20,6 +20,18 @@ class ModelConfig:
     ``dropout_out`` on the last layer's outputs; ``locked_dropout`` uses one mask per
     sequence for all its time steps (variational dropout) for emb/out.
     ``adaptive_cutoffs`` switches to ``nn.AdaptiveLogSoftmaxWithLoss`` (large vocabularies).
+
+    Attributes:
+        cell: the recurrent cell: lstm, gru or rnn (Elman, tanh).
+        embed_dim: size of the token embeddings.
+        hidden_size: units per recurrent layer.
+        num_layers: stacked recurrent layers.
+        dropout_emb: dropout on the embeddings.
+        dropout_rnn: dropout between recurrent layers (ignored with one layer).
+        dropout_out: dropout on the last layer's outputs, before the softmax.
+        locked_dropout: one dropout mask per sequence for all its steps (emb and out).
+        tie_weights: share the embedding matrix with the output layer (needs embed_dim == hidden_size).
+        adaptive_cutoffs: ids where the adaptive softmax's clusters start, e.g. [2000, 10000]; null = full softmax.
     """
 
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
@@ -67,6 +79,14 @@ class TeacherForcingConfig:
     ``inverse_sigmoid``: ``k / (k + exp(i / k))`` (``k`` >= 1).
     Below 1.0 the model steps through each batch and otherwise feeds its own argmax
     (or a sample from its softmax with ``sample: true``).
+
+    Attributes:
+        schedule: constant, linear, exponential or inverse_sigmoid (see above).
+        start: the probability at step 0 (1.0 = always the ground truth).
+        end: the floor the decaying schedules never go below.
+        decay_steps: steps the linear schedule takes from start to end.
+        k: the decay constant of the exponential (< 1) and inverse_sigmoid (>= 1) schedules.
+        sample: feed a sample from the model's softmax instead of its argmax.
     """
 
     schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
@@ -97,6 +117,35 @@ class TrainConfig:
     improve, as in pytorch/examples) or ``adamw`` (linear ``warmup_steps``, then
     ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``).
     Stopping: the first of ``epochs``, ``max_steps``, ``max_time`` (seconds) reached.
+
+    Attributes:
+        output_dir: the run's folder: metrics.jsonl, result.json, recipe.yaml, checkpoints/.
+        device: auto (cuda > mps > cpu), or cpu, cuda, cuda:N, mps.
+        seed: seed of the initial weights, dropout and the batch order.
+        max_tokens: predicted tokens per batch (a packed RNN's real cost); null = use batch_size.
+        batch_size: sequences per batch; null = use max_tokens.
+        optimizer: sgd or adamw.
+        lr: the peak learning rate.
+        min_lr: the floor of the cosine and plateau schedules.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD); biases excluded with AdamW.
+        warmup_steps: steps of linear warmup up to lr (0 = none).
+        schedule: the learning rate after warmup: cosine (down to min_lr), plateau or constant.
+        plateau_factor: the plateau schedule multiplies lr by this when validation does not improve.
+        clip: the gradient-norm clipping threshold; 0 = no clipping.
+        epochs: stop after this many epochs (null = no epoch limit).
+        max_steps: stop after this many optimizer steps (null = no step limit).
+        max_time: stop after this many seconds of the training loop, validation included (null = no limit).
+        eval_every: validate every this many steps too (null = once per epoch only).
+        log_every: write a train record to metrics.jsonl every this many steps.
+        checkpoint_every: write step-N.pt every this many steps (null = at epoch ends and the stop only).
+        keep_checkpoints: the newest step checkpoints kept; best.pt is kept besides.
+        resume: auto (the newest good checkpoint in output_dir), a checkpoint path, or null (a new run).
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        prompts: texts continued greedily each epoch, printed and logged as samples.
+        sample_tokens: tokens generated per prompt sample.
+        max_nonfinite: abort after this many steps in a row with a non-finite gradient.
+        plot: write curves.png (needs matplotlib).
     """
 
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)

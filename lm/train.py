@@ -550,9 +550,18 @@ def _yaml(data: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
-    ap = ArgumentParser(prog="python -m lm.train", description="Train a GRU/LSTM language model from a recipe.")
+    from pipeline.confighelp import recipe_help
+
+    ap = ArgumentParser(
+        prog="python -m lm.train",
+        description="Train a GRU/LSTM language model from a recipe: prepares the data (data: section) when it "
+                    "is missing or stale, trains (model:, train:), and reports validation and test perplexity.",
+        epilog="Recipe keys, their defaults and types (from lm/config.py and pipeline/config.py):\n\n"
+               + recipe_help(Recipe),
+    )
     ap.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.cell=gru")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted overrides of recipe keys (listed below), e.g. train.max_steps=100 model.cell=gru")
     args = ap.parse_args(argv)
     if "=" in args.recipe:
         args.overrides.insert(0, args.recipe)

@@ -10,6 +10,7 @@ import argparse
 import functools
 import os
 import sys
+import textwrap
 from typing import Callable
 
 
@@ -17,9 +18,16 @@ class UserError(Exception):
     """A mistake in the user's input (recipe, data, checkpoint, flags), not a bug."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions and epilogs keep their line breaks; an option's help ends with its default
+class HelpFormatter(argparse.HelpFormatter):
+    """Paragraphs of a description or epilog that start at column 0 are wrapped; indented
+    ones (tables, lists) keep their line breaks. An option's help ends with its default
     (unless the default is ``None``/``False``/empty, which the help text explains)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(super(HelpFormatter, self)._fill_text(p, width, indent)
+                             if not any(line.startswith(" ") for line in p.splitlines()) else textwrap.indent(p, indent)
+                             for p in paragraphs)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""

@@ -111,8 +111,15 @@ class TeacherForcingConfig:
 class TrainConfig:
     """How to train: batching, optimiser, stopping, evaluation, checkpoints.
 
-    Batches: ``max_tokens`` predicted tokens per batch (a packed RNN's real cost; keeps
-    every batch's per-token loss weight equal) or a fixed ``batch_size`` of sequences.
+    Protocol (``mode``): ``sequence`` models every prepared row (line, document) on its
+    own from a zero state; ``stream`` reads each split as one continuous text in
+    ``batch_size`` parallel streams and windows of ``bptt`` tokens, carrying the state
+    across windows — the protocol of published WikiText-2 / PTB perplexities.
+    ``variable_bptt`` draws window lengths as AWD-LSTM does (lr scaled by length / bptt);
+    evaluation uses ``eval_batch_size`` streams.
+    Batches (sequence mode): ``max_tokens`` predicted tokens per batch (a packed RNN's
+    real cost; keeps every batch's per-token loss weight equal; 4096 when neither is set)
+    or a fixed ``batch_size`` of sequences.
     Optimisers: ``sgd`` (lr annealed by ``plateau_factor`` whenever validation does not
     improve, as in pytorch/examples) or ``adamw`` (linear ``warmup_steps``, then
     ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``).
@@ -122,14 +129,18 @@ class TrainConfig:
         output_dir: the run's folder: metrics.jsonl, result.json, recipe.yaml, checkpoints/.
         device: auto (cuda > mps > cpu), or cpu, cuda, cuda:N, mps.
         seed: seed of the initial weights, dropout and the batch order.
-        max_tokens: predicted tokens per batch (a packed RNN's real cost); null = use batch_size.
-        batch_size: sequences per batch; null = use max_tokens.
+        mode: sequence (every prepared row on its own) or stream (one continuous text, state carried).
+        max_tokens: sequence mode: predicted tokens per batch; null = use batch_size (4096 tokens if both are null).
+        batch_size: sequence mode: sequences per batch; stream mode: parallel streams (null = 20).
+        bptt: stream mode: tokens per window (truncated backpropagation through time).
+        variable_bptt: stream mode: draw window lengths around bptt as AWD-LSTM does (lr scaled by length / bptt).
+        eval_batch_size: stream mode: parallel streams when evaluating.
         optimizer: sgd or adamw.
         lr: the peak learning rate.
         min_lr: the floor of the cosine and plateau schedules.
         weight_decay: decoupled weight decay (AdamW) or L2 (SGD); biases excluded with AdamW.
         warmup_steps: steps of linear warmup up to lr (0 = none).
-        schedule: the learning rate after warmup: cosine (down to min_lr), plateau or constant.
+        schedule: the learning rate after warmup: cosine (down to min_lr at the end of the budget), plateau or constant.
         plateau_factor: the plateau schedule multiplies lr by this when validation does not improve.
         clip: the gradient-norm clipping threshold; 0 = no clipping.
         epochs: stop after this many epochs (null = no epoch limit).
@@ -137,6 +148,7 @@ class TrainConfig:
         max_time: stop after this many seconds of the training loop, validation included (null = no limit).
         eval_every: validate every this many steps too (null = once per epoch only).
         log_every: write a train record to metrics.jsonl every this many steps.
+        progress_every: a train record (and, without a terminal, a progress line) at least every this many seconds.
         checkpoint_every: write step-N.pt every this many steps (null = at epoch ends and the stop only).
         keep_checkpoints: the newest step checkpoints kept; best.pt is kept besides.
         resume: auto (the newest good checkpoint in output_dir), a checkpoint path, or null (a new run).
@@ -151,8 +163,12 @@ class TrainConfig:
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)
     device: str = "auto"
     seed: int = 1234
-    max_tokens: int | None = 4096
+    mode: Literal["sequence", "stream"] = "sequence"
+    max_tokens: int | None = None
     batch_size: int | None = None
+    bptt: int = 35
+    variable_bptt: bool = False
+    eval_batch_size: int = 10
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = 2e-3
     min_lr: float = 0.0
@@ -166,6 +182,7 @@ class TrainConfig:
     max_time: float | None = None
     eval_every: int | None = None
     log_every: int = 50
+    progress_every: float = 30.0
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     resume: str | None = None
@@ -178,8 +195,19 @@ class TrainConfig:
     plot: bool = True
 
     def __post_init__(self) -> None:
-        if (self.max_tokens is None) == (self.batch_size is None):
-            raise ValueError(f"max_tokens={self.max_tokens}, batch_size={self.batch_size}: set exactly one")
+        if self.mode == "stream":
+            if self.max_tokens is not None:
+                raise ValueError(f"max_tokens={self.max_tokens}: stream mode batches batch_size streams of bptt "
+                                 f"tokens; set max_tokens: null")
+            if self.batch_size is None:
+                self.batch_size = 20  # pytorch/examples' and Zaremba et al.'s
+        elif self.max_tokens is not None and self.batch_size is not None:
+            raise ValueError(f"max_tokens={self.max_tokens}, batch_size={self.batch_size}: set one, not both")
+        elif self.max_tokens is None and self.batch_size is None:
+            self.max_tokens = 4096
+        if self.bptt < 2 or self.eval_batch_size < 1 or not self.progress_every > 0:
+            raise ValueError(f"bptt={self.bptt}, eval_batch_size={self.eval_batch_size}, progress_every="
+                             f"{self.progress_every}: need bptt >= 2, eval_batch_size >= 1, progress_every > 0")
         for name in ("max_tokens", "batch_size", "epochs", "max_steps", "eval_every", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and v < 1:

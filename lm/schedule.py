@@ -28,25 +28,31 @@ class LRSchedule:
 
     ``plateau``: the base rate is multiplied by ``plateau_factor`` after each validation
     that does not improve on the best so far (pytorch/examples anneals SGD this way).
-    ``cosine``: from the base rate down to ``min_lr`` at ``total_steps``.
+    ``cosine``: from the base rate down to ``min_lr`` at the end of the run's budget.
+    The trainer passes the fraction of the budget spent — the first of ``epochs``,
+    ``max_steps`` and ``max_time`` to run out decides — so a time-budgeted run ends its
+    decay exactly at the stop. The fraction at which warmup ended is remembered (and
+    checkpointed): the cosine spans the rest.
 
     Args:
         cfg: the ``train:`` section.
-        total_steps: the run's length in steps; needed by ``cosine`` only.
     """
 
-    def __init__(self, cfg: TrainConfig, total_steps: int | None) -> None:
-        self.cfg, self.total_steps = cfg, total_steps
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
         self.base = cfg.lr
         self.best = math.inf
+        self.warm_end: float | None = None  # budget fraction when warmup ended
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, fraction: float) -> float:
+        """The rate for step ``step`` (0-based) with ``fraction`` of the budget spent."""
         cfg = self.cfg
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return self.base * (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine" and self.total_steps:
-            span = max(1, self.total_steps - cfg.warmup_steps)
-            progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.schedule == "cosine":
+            if self.warm_end is None:
+                self.warm_end = min(fraction, 1.0 - 1e-9)
+            progress = min(1.0, max(0.0, (fraction - self.warm_end) / (1.0 - self.warm_end)))
             return cfg.min_lr + (self.base - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.base
 
@@ -58,7 +64,8 @@ class LRSchedule:
             self.base = max(self.cfg.min_lr, self.base * self.cfg.plateau_factor)
 
     def state_dict(self) -> dict:
-        return {"base": self.base, "best": self.best}
+        return {"base": self.base, "best": self.best, "warm_end": self.warm_end}
 
     def load_state_dict(self, state: dict) -> None:
         self.base, self.best = float(state["base"]), float(state["best"])
+        self.warm_end = state.get("warm_end")

@@ -1,14 +1,27 @@
 """Train a GRU/LSTM language model: ``python -m lm.train RECIPE [key=value ...]``.
 
-Reads top to bottom: setup (recipe, processes, device, data, model, optimiser,
-resume) → train (teacher forcing or scheduled sampling, periodic validation and
-checkpoints) → cleanup (test perplexity of the best checkpoint, plot).
+The run reads top to bottom in :func:`_run`::
+
+    setup       recipe → processes → device → data → model, optimiser, schedules → resume
+    loop        per step: _step (forward, backward, clip, update)
+                          _after_step (log, validate, checkpoint, stop?)
+                per epoch end: _end_of_epoch (validate, samples, next epoch)
+    finish      final validation if stale → test perplexity of the best weights → result.json
+
+Two protocols (``train.mode``), one model call and one loss:
+
+* ``sequence``: every prepared row (a line, a document) is an independent sequence from
+  a zero state, batched by length (:class:`pipeline.sampling.BucketBatchSampler`).
+* ``stream``: each split is one continuous text cut into ``batch_size`` streams read in
+  windows of ``bptt`` tokens (:class:`pipeline.bptt.StreamWindows`); each window starts
+  from the detached final state of the one before. This is the protocol published
+  WikiText-2 / PTB perplexities use.
 
 Perplexity is ``exp(total NLL / predicted tokens)``; on WikiText-2 the predicted tokens
-are the words plus one ``<eos>`` per line, so the numbers compare with published ones.
+are the words plus one ``<eos>`` per line in both protocols, the published counts.
 
 Distributed: ``torchrun --nproc_per_node N -m lm.train RECIPE`` (gloo on CPU, NCCL on
-CUDA). Each rank gets its own batches from the bucket sampler, gradients are averaged by
+CUDA). Each rank gets its own batches (or its own streams), gradients are averaged by
 DDP, evaluation sums are reduced across ranks, and only rank 0 logs and writes.
 """
 from __future__ import annotations
@@ -21,29 +34,34 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lm import checkpoint
-from lm.config import ModelConfig, Recipe, load
+from lm import state as st
+from lm.config import ModelConfig, Recipe, TrainConfig, load
 from lm.model import RNNLM
 from lm.schedule import LRSchedule, teacher_forcing_ratio
+from pipeline.bptt import StreamWindows
+from pipeline.collate import PackedBatch, PackedCollator
 from pipeline.config import to_dict
 from pipeline.data import TokenDataset, make_loader, read_manifest
 from pipeline.errors import ArgumentParser, UserError, cli
-from pipeline.sampling import BucketBatchSampler
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
+# Under DDP the ranks agree on stopping and on the clock every this many steps (one
+# small all_reduce); in one process the check is every step and costs nothing.
+_AGREE_EVERY = 10
 
 
-# --------------------------------------------------------------------------- setup helpers
+# --------------------------------------------------------------------------- processes and devices
 
 
 @dataclass
@@ -64,6 +82,14 @@ class Dist:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
+        return t.tolist()
+
+    def all_max(self, *values: float) -> list[float]:
+        """The largest value of each number over ranks (flags, clocks)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
     def all_gather(self, obj) -> list:
@@ -107,6 +133,98 @@ def _device(name: str, d: Dist) -> torch.device:
     return device
 
 
+# --------------------------------------------------------------------------- data: the two protocols
+
+
+class _SequenceData:
+    """Sequence mode: length-bucketed batches of independent rows (no state carried)."""
+
+    carries_state = False
+
+    def __init__(self, ds: TokenDataset, cfg: TrainConfig, d: Dist, *, train: bool, pin: bool) -> None:
+        longest = int(ds.lengths.max())
+        if cfg.max_tokens is not None and cfg.max_tokens < longest:
+            raise UserError(
+                f"train.max_tokens={cfg.max_tokens} is smaller than the longest {ds.split} sequence ({longest} ids); "
+                f"raise it, or cap sequences with data.max_len"
+            )
+        try:
+            self.loader = make_loader(ds, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, shuffle=train,
+                                      seed=cfg.seed, num_workers=cfg.num_workers, pin_memory=pin,
+                                      num_replicas=d.world, rank=d.rank)
+        except ValueError as e:
+            raise UserError(f"{ds.split} split: {e}") from None
+        self.sampler = self.loader.batch_sampler
+        self.num_tokens = ds.num_tokens
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def position(self) -> int:
+        return self.sampler.position
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)  # keeps a restored mid-epoch position
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, float]]:
+        """The rest of the epoch: ``(batch, lr scale)``."""
+        for batch in self.loader:
+            yield batch, 1.0
+
+    def state_dict(self, consumed: int) -> dict:
+        return self.sampler.state_dict(batches_consumed=consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class _StreamData:
+    """Stream mode: windows of ``bptt`` tokens over ``B`` parallel streams (state carried)."""
+
+    carries_state = True
+
+    def __init__(self, ds: TokenDataset, cfg: TrainConfig, d: Dist, *, train: bool, pin: bool) -> None:
+        streams = cfg.batch_size if train else cfg.eval_batch_size
+        try:
+            self.windows = StreamWindows(ds, streams, cfg.bptt, exact=not train, variable=train and cfg.variable_bptt,
+                                         seed=cfg.seed, num_replicas=d.world, rank=d.rank)
+        except ValueError as e:
+            key = "train.batch_size" if train else "train.eval_batch_size"
+            raise UserError(f"{key}={streams} ({ds.split} split, stream mode): {e}") from None
+        self.bptt, self.pin = cfg.bptt, pin
+        self.collate = PackedCollator(pad_id=0)
+        self.num_tokens = ds.num_tokens
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    @property
+    def position(self) -> int:
+        return self.windows.position
+
+    def set_epoch(self, epoch: int) -> None:
+        self.windows.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, float]]:
+        """The rest of the epoch: ``(window, lr scale)``; AWD-LSTM scales lr by length / bptt."""
+        for window in self.windows:
+            batch = self.collate(window)
+            scale = (len(window[0]) - 1) / self.bptt if self.windows.variable else 1.0
+            yield (batch.pin_memory() if self.pin else batch), scale
+
+    def state_dict(self, consumed: int) -> dict:
+        return self.windows.state_dict(windows_consumed=consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state)
+
+
+def _data(ds: TokenDataset, cfg: TrainConfig, d: Dist, *, train: bool, pin: bool) -> _SequenceData | _StreamData:
+    kind = _StreamData if cfg.mode == "stream" else _SequenceData
+    return kind(ds, cfg, d, train=train, pin=pin)
+
+
 def _prepare_data(recipe: Recipe, d: Dist) -> dict:
     """Run ``pipeline.prepare`` when the prepared data is missing or stale (rank 0 only)."""
     if d.main:
@@ -118,19 +236,7 @@ def _prepare_data(recipe: Recipe, d: Dist) -> dict:
     return read_manifest(recipe.data.output)
 
 
-def _loader(ds: TokenDataset, recipe: Recipe, d: Dist, *, train: bool, pin: bool) -> DataLoader:
-    cfg = recipe.train
-    longest = int(ds.lengths.max())
-    if cfg.max_tokens is not None and cfg.max_tokens < longest:
-        raise UserError(
-            f"train.max_tokens={cfg.max_tokens} is smaller than the longest {ds.split} sequence ({longest} ids); "
-            f"raise it, or cap sequences with data.max_len"
-        )
-    try:
-        return make_loader(ds, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, shuffle=train, seed=cfg.seed,
-                           num_workers=cfg.num_workers, pin_memory=pin, num_replicas=d.world, rank=d.rank)
-    except ValueError as e:
-        raise UserError(f"{ds.split} split: {e}") from None
+# --------------------------------------------------------------------------- model and optimiser
 
 
 def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
@@ -146,7 +252,7 @@ def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
         raise UserError(f"model: {e}") from None
 
 
-def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases
@@ -174,36 +280,51 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
 @torch.no_grad()
-def evaluate(model: RNNLM, loader: DataLoader, device: torch.device, d: Dist, amp: bool) -> tuple[float, int]:
+def evaluate(model: RNNLM, data, device: torch.device, d: Dist, amp: bool) -> tuple[float, int]:
     """Summed NLL and predicted tokens over a whole split, across all ranks.
+
+    ``data`` yields ``(batch, _)`` pairs (the trainer's data objects) or plain batches
+    (a ``DataLoader``). With ``data.carries_state`` (stream mode) each window starts from
+    the previous window's final state, as the published protocol does. The NLL is summed
+    on the device: one host sync per split, not per batch.
 
     Returns:
         ``(nll_sum, tokens)``; perplexity is ``exp(nll_sum / tokens)``.
     """
     was = model.training
     model.eval()
-    nll, tokens = 0.0, 0
-    for batch in loader:
+    carry = getattr(data, "carries_state", False)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    state = None
+    for item in data:
+        batch = item[0] if isinstance(item, tuple) else item
         batch = batch.to(device, non_blocking=True)
+        if state is not None and st.hidden(state).size(1) > len(batch.lengths):
+            state = st.narrow(state, len(batch.lengths))  # exhausted streams drop off the end
         with _autocast(device, amp):
-            out = model(batch, need_state=False, need_logits=False)
-        nll += out.nll_sum.item()
+            out = model(batch, state, need_state=carry, need_logits=False)
+        state = out.state if carry else None
+        nll += out.nll_sum.double()
         tokens += out.num_tokens
     model.train(was)
-    nll, tokens = d.all_sum(nll, tokens)
+    nll, tokens = d.all_sum(float(nll), tokens)
     return nll, int(tokens)
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 def _ppl(nll: float, tokens: int) -> float:
     return math.exp(min(nll / max(tokens, 1), 700.0))
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- the run's state
 
 
 @dataclass
@@ -212,19 +333,26 @@ class Progress:
 
     step: int = 0
     epoch: int = 0
-    consumed: int = 0  # batches of this epoch trained on
+    consumed: int = 0  # batches (windows) of this epoch trained on
     tokens: int = 0  # cumulative predicted tokens trained on (all ranks)
     best_val: float = math.inf
+    last_val_step: int = -1  # validation runs at most once per step
+    last_val_loss: float = math.inf
     nonfinite: int = 0  # non-finite steps in a row
     skipped: int = 0  # non-finite steps in total
-    elapsed: float = 0.0  # training seconds before this process started
+    elapsed: float = 0.0  # training seconds, agreed by all ranks
 
 
 class _Stop:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+    """SIGINT / SIGTERM: acknowledged at once, then a checkpoint after the current step.
 
-    def __init__(self) -> None:
+    A second signal stops now (``KeyboardInterrupt``); checkpoints are written
+    atomically, so the last good one stays intact.
+    """
+
+    def __init__(self, announce: bool) -> None:
         self.signum = 0
+        self.announce = announce
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
@@ -232,6 +360,45 @@ class _Stop:
         if self.signum:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        if self.announce:
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step; saving a checkpoint… "
+                        f"(again to stop at once)\n".encode())
+
+
+@dataclass
+class _Run:
+    """What setup builds; the loop below reads and advances it."""
+
+    recipe: Recipe
+    d: Dist
+    device: torch.device
+    model: RNNLM
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_at: LRSchedule
+    train: _SequenceData | _StreamData
+    val: _SequenceData | _StreamData
+    test: _SequenceData | _StreamData | None
+    meta: dict
+    out_dir: Path
+    metrics: "_Metrics"
+    report: "_Reporter"
+    stop: _Stop
+    p: Progress = field(default_factory=Progress)
+    carry: tuple | None = None  # stream mode: the detached state carried into the next window
+    clock0: float = 0.0  # perf_counter at the (re)start, minus the elapsed time restored
+    window: dict = field(default_factory=dict)  # train loss summed on the device since the last log
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.recipe.train
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
@@ -240,8 +407,7 @@ def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
     Raises:
         UserError: any problem with the recipe, data or checkpoint.
     """
-    cfg = recipe.train
-    d = _init_distributed(cfg.device)
+    d = _init_distributed(recipe.train.device)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(recipe, d, argv)
@@ -254,172 +420,308 @@ def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
 
 
 def _run(recipe: Recipe, d: Dist, argv) -> dict:
+    r = _setup(recipe, d)
+    reason = _already_done(r)  # a finished run resumed again (a requeued job) trains no further
+    while reason is None:
+        r.train.set_epoch(r.p.epoch)
+        r.p.consumed = r.train.position  # 0, or where a resumed epoch stopped
+        for batch, lr_scale in r.train:
+            _step(r, batch, lr_scale)
+            reason = _after_step(r)
+            if reason:
+                break
+        else:
+            reason = _end_of_epoch(r)
+        _save(r, reason or "epoch")
+    r.report.close()
+    _check_replicas(r.model, d)
+    if reason == "signal":
+        _exit_on_signal(r, argv)
+    return _finish(r, reason)
+
+
+def _setup(recipe: Recipe, d: Dist) -> _Run:
     cfg = recipe.train
     device = _device(cfg.device, d)
-    out_dir, ckpt_dir = cfg.output_dir, cfg.output_dir / "checkpoints"
     torch.manual_seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
 
-    # ---- data
     manifest = _prepare_data(recipe, d)
     folder = recipe.data.output
-    tokenizer_json = (folder / "tokenizer.json").read_text(encoding="utf-8")
-    ids = manifest["special_ids"]
     pin = device.type == "cuda"
-    train_ds = TokenDataset(folder, "train")
-    train_loader = _loader(train_ds, recipe, d, train=True, pin=pin)
-    val_loader = _loader(TokenDataset(folder, "validation"), recipe, d, train=False, pin=pin)
-    test_loader = _loader(TokenDataset(folder, "test"), recipe, d, train=False, pin=pin) if "test" in manifest["splits"] else None
-    sampler: BucketBatchSampler = train_loader.batch_sampler
+    train = _data(TokenDataset(folder, "train"), cfg, d, train=True, pin=pin)
+    val = _data(TokenDataset(folder, "validation"), cfg, d, train=False, pin=pin)
+    test = _data(TokenDataset(folder, "test"), cfg, d, train=False, pin=pin) if "test" in manifest["splits"] else None
 
-    # ---- model, optimiser, schedules
     model = build_model(recipe.model, manifest["vocab_size"]).to(device)
+    ddp = model
+    if d.world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(model, cfg)
-    limits = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * len(sampler)) if n]
-    total_steps = min(limits) if limits else None  # unknown with max_time alone
-    if cfg.schedule == "cosine" and not total_steps:
-        raise UserError("train.schedule=cosine needs train.epochs or train.max_steps to know the run's length")
-    lr_at = LRSchedule(cfg, total_steps)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
-    p = Progress()
-
-    # ---- resume
-    meta = {"recipe": to_dict(recipe), "tokenizer": tokenizer_json, "special_ids": ids,
-            "vocab_size": manifest["vocab_size"], "data_fingerprint": manifest["fingerprint"]}
-    resumed = _resume(cfg.resume, ckpt_dir, meta, model, optimizer, lr_at, sampler, p, d)
+    meta = {"recipe": to_dict(recipe), "tokenizer": (folder / "tokenizer.json").read_text(encoding="utf-8"),
+            "special_ids": manifest["special_ids"], "vocab_size": manifest["vocab_size"],
+            "data_fingerprint": manifest["fingerprint"]}
+    out_dir = cfg.output_dir
+    r = _Run(recipe=recipe, d=d, device=device, model=model, ddp=ddp, optimizer=optimizer, lr_at=LRSchedule(cfg),
+             train=train, val=val, test=test, meta=meta, out_dir=out_dir, metrics=None, report=None,
+             stop=_Stop(announce=d.main))
+    resumed = _resume(r)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(_yaml(to_dict(recipe)))
-        print(f"{model.num_parameters():,} parameters | {len(sampler):,} batches/epoch/rank | device {device}"
-              f"{f' | world {d.world}' if d.world > 1 else ''}{f' | resumed from {resumed} at step {p.step}' if resumed else ''}",
-              file=sys.stderr)
-    metrics = _Metrics(out_dir / "metrics.jsonl", d.main, append=resumed is not None)
+        print(f"{model.num_parameters():,} parameters | {cfg.mode} mode | {len(train):,} "
+              f"{'windows' if cfg.mode == 'stream' else 'batches'}/epoch/rank | device {device}"
+              f"{f' | world {d.world}' if d.world > 1 else ''}"
+              f"{f' | resumed from {resumed} at step {r.p.step}' if resumed else ''}", file=sys.stderr)
+    r.metrics = _Metrics(out_dir / "metrics.jsonl", d.main, append=resumed is not None)
+    r.clock0 = time.perf_counter() - r.p.elapsed
+    r.report = _Reporter(r)
+    r.window = {"nll": 0.0, "tokens": 0, "t": time.perf_counter(), "tok0": r.p.tokens, "last_log": time.perf_counter()}
+    r.model.train()
+    return r
 
-    def save(kind: str) -> None:
-        """Step checkpoint (for resume) on every rank's data, written by rank 0."""
-        all_rng = d.all_gather(_rng_state())  # each rank's own streams (dropout differs per rank)
-        if not d.main:
-            return
-        state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": lr_at.state_dict(), "sampler": sampler.state_dict(batches_consumed=p.consumed),
-                 "progress": vars(p).copy(), "rng": all_rng, "kind": kind,
-                 "tf_ratio": teacher_forcing_ratio(cfg.teacher_forcing, p.step)}
-        checkpoint.save(state, checkpoint.step_path(ckpt_dir, p.step))
-        checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
 
-    def validate() -> float:
-        nll, tokens = evaluate(model, val_loader, device, d, cfg.amp)
-        loss = nll / tokens
-        improved = loss < p.best_val
-        lr_at.on_validation(loss)
-        if improved:
-            p.best_val = loss
-            if d.main:
-                checkpoint.save({**meta, "model": model.state_dict(), "step": p.step, "val_loss": loss},
-                                ckpt_dir / "best.pt")
-        metrics.write({"step": p.step, "epoch": p.epoch, "split": "validation", "loss": loss,
-                       "ppl": _ppl(nll, tokens), "tokens": tokens, "best": improved})
-        return loss
+def _already_done(r: _Run) -> str | None:
+    cfg, p = r.cfg, r.p
+    if cfg.max_steps and p.step >= cfg.max_steps:
+        return "max_steps"
+    if cfg.epochs and p.epoch >= cfg.epochs:
+        return "epochs"
+    if cfg.max_time is not None and p.elapsed >= cfg.max_time:
+        return "max_time"
+    return None
 
-    # ---- train
-    stop = _Stop()
-    start = time.perf_counter() - p.elapsed
-    window = {"nll": 0.0, "tokens": 0, "t": time.perf_counter(), "tok0": p.tokens}
-    bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", disable=not d.main or None, dynamic_ncols=True)
-    # a run resumed after it had finished (the same command again, a requeued job) must not train past its end
-    reason = "max_steps" if cfg.max_steps and p.step >= cfg.max_steps else "epochs" if cfg.epochs and p.epoch >= cfg.epochs else None
-    done = reason is not None
-    model.train()
-    while not done:
-        sampler.set_epoch(p.epoch)  # keeps a restored mid-epoch position
-        p.consumed = sampler.position  # 0, or where a resumed epoch stopped
-        for batch in train_loader:
-            batch = batch.to(device, non_blocking=True)
-            tf = teacher_forcing_ratio(cfg.teacher_forcing, p.step)
-            lr = lr_at(p.step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            # loss per real target token of the whole global batch: rank sums / global count,
-            # times world because DDP averages gradients over ranks
-            global_tokens, halt = d.all_sum(batch.num_tokens, float(stop.signum != 0 or _out_of_time(cfg, start)))
-            with _autocast(device, cfg.amp):
-                out = ddp(batch, teacher_forcing=tf, sample=cfg.teacher_forcing.sample, need_state=False, need_logits=False)
-            loss = out.nll_sum * (d.world / global_tokens)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            # the gradient is all-reduced, so every rank takes the same decision here
-            if torch.isfinite(grad_norm):
-                optimizer.step()
-                p.nonfinite = 0
-            else:
-                p.nonfinite += 1
-                p.skipped += 1
-                if p.nonfinite >= cfg.max_nonfinite:
-                    raise UserError(f"loss or gradient not finite for {p.nonfinite} steps in a row at step {p.step}; "
-                                    f"lower train.lr (now {lr:g}) or raise train.clip")
-            p.step += 1
-            p.consumed += 1
-            p.tokens += int(global_tokens)
-            # kept on the device until the next log line: no host sync per step
-            window["nll"] = window["nll"] + torch.nan_to_num(out.nll_sum.detach(), nan=0.0, posinf=0.0, neginf=0.0)
-            window["tokens"] += batch.num_tokens
-            bar.update(1)
 
-            if p.step % cfg.log_every == 0:
-                _log_train(metrics, bar, window, p, lr, tf, grad_norm, start, d)
-            if cfg.eval_every and p.step % cfg.eval_every == 0:
-                validate()
-            if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
-                save("periodic")
-            if halt:
-                reason = "signal" if stop.signum else "max_time"
-            elif cfg.max_steps and p.step >= cfg.max_steps:
-                reason = "max_steps"
-            if reason:
-                break
-        else:  # the epoch is complete
-            validate()
-            _samples(model, recipe, tokenizer_json, ids, metrics, p, d)
-            p.epoch += 1
-            p.consumed = 0
-            if cfg.epochs and p.epoch >= cfg.epochs:
-                reason = "epochs"
-        p.elapsed = time.perf_counter() - start
-        done = reason is not None
-        save(reason or "epoch")
-    bar.close()
-    _check_replicas(model, d)
+def _step(r: _Run, batch: PackedBatch, lr_scale: float) -> None:
+    """One optimiser step on one batch (per rank). At most one host sync: the finiteness
+    of the gradient norm, which every rank decides alike (the gradient is all-reduced)."""
+    cfg, p, d = r.cfg, r.p, r.d
+    batch = batch.to(r.device, non_blocking=True)
+    tf = teacher_forcing_ratio(cfg.teacher_forcing, p.step)
+    lr = r.lr_at(p.step, _budget_fraction(r)) * lr_scale
+    for g in r.optimizer.param_groups:
+        g["lr"] = lr
+    # loss per real target token of the whole global batch: rank sums / global count, times
+    # world because DDP averages gradients over ranks. Stream windows are equal on every
+    # rank, so the global count is known without asking the others.
+    if r.train.carries_state:
+        global_tokens = batch.num_tokens * d.world
+    else:
+        (global_tokens,) = d.all_sum(batch.num_tokens)
+    with _autocast(r.device, cfg.amp):
+        out = r.ddp(batch, r.carry, teacher_forcing=tf, sample=cfg.teacher_forcing.sample,
+                    need_state=r.train.carries_state, need_logits=False)
+    if r.train.carries_state:
+        r.carry = st.detach(out.state)  # truncated BPTT: the state goes on, its graph does not
+    loss = out.nll_sum * (d.world / global_tokens)
+    r.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+    if torch.isfinite(grad_norm):  # the step's one host sync
+        r.optimizer.step()
+        p.nonfinite = 0
+    else:
+        p.nonfinite += 1
+        p.skipped += 1
+        if p.nonfinite >= cfg.max_nonfinite:
+            raise UserError(f"loss or gradient not finite for {p.nonfinite} steps in a row at step {p.step}; "
+                            f"lower train.lr (now {lr:g}) or raise train.clip")
+    p.step += 1
+    p.consumed += 1
+    p.tokens += int(global_tokens)
+    # kept on the device until the next log line
+    r.window["nll"] = r.window["nll"] + torch.nan_to_num(out.nll_sum.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    r.window["tokens"] += batch.num_tokens
+    r.window.update(lr=lr, tf=tf, grad_norm=grad_norm)
+    r.report.step()
 
-    if reason == "signal":
-        name = signal.Signals(stop.signum).name
-        if d.main:
-            print(f"{name}: saved a checkpoint at step {p.step} in {ckpt_dir}.\nResume with: "
-                  f"python -m lm.train {' '.join(argv)} train.resume=auto", file=sys.stderr)
-        raise SystemExit(128 + stop.signum)
 
-    # ---- cleanup: final validation if the last one is stale, test perplexity of the best model
+def _after_step(r: _Run) -> str | None:
+    """Log, validate and checkpoint as due; the reason to stop, if any."""
+    cfg, p, d = r.cfg, r.p, r.d
+    now = time.perf_counter()
+    log_due = now - r.window["last_log"] >= cfg.progress_every
+    if d.world == 1 or p.step % _AGREE_EVERY == 0:
+        # the ranks agree on the clock (it drives a time-budgeted schedule and max_time),
+        # on a stop signal any of them got, and on a time-based log line
+        signum, p.elapsed, log_due = d.all_max(r.stop.signum, now - r.clock0, float(log_due))
+        r.stop.signum = int(signum)
+    else:
+        log_due = False
+    if p.step % cfg.log_every == 0 or log_due:
+        _log_train(r)
+    if cfg.eval_every and p.step % cfg.eval_every == 0:
+        _validate(r)
+    if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
+        _save(r, "periodic")
+    if r.stop.signum:
+        return "signal"
+    if cfg.max_time is not None and p.elapsed >= cfg.max_time:
+        return "max_time"
+    if cfg.max_steps and p.step >= cfg.max_steps:
+        return "max_steps"
+    return None
+
+
+def _end_of_epoch(r: _Run) -> str | None:
+    p = r.p
+    _validate(r)
+    _samples(r)
+    p.epoch += 1
+    p.consumed = 0
+    r.carry = None  # stream mode starts every epoch from a zero state, as pytorch/examples does
+    if r.cfg.epochs and p.epoch >= r.cfg.epochs:
+        return "epochs"
+    return None
+
+
+def _finish(r: _Run, reason: str) -> dict:
+    """Final validation if the last one is stale, test perplexity of the best weights."""
+    p, d = r.p, r.d
     if reason in ("max_steps", "max_time") and p.consumed:
-        validate()
-        _samples(model, recipe, tokenizer_json, ids, metrics, p, d)  # a mid-epoch stop: the epoch's samples never came
+        _validate(r)
+        _samples(r)  # a mid-epoch stop: the epoch's samples never came
     result = {"steps": p.step, "epochs": p.epoch, "tokens": p.tokens, "skipped_steps": p.skipped,
-              "best_val_ppl": math.exp(p.best_val) if p.best_val < math.inf else None,
-              "train_seconds": round(p.elapsed, 1), "stopped_by": reason}
-    best = ckpt_dir / "best.pt"
-    if test_loader is not None and (best.is_file() or not d.main):
+              "mode": r.cfg.mode, "best_val_ppl": math.exp(p.best_val) if p.best_val < math.inf else None,
+              "val_tokens": r.val.num_tokens, "train_seconds": round(p.elapsed, 1), "stopped_by": reason,
+              "parameters": r.model.num_parameters(), "device": str(r.device), "world": d.world}
+    best = r.ckpt_dir / "best.pt"
+    # every rank takes the same decision (best_val is reduced identically on all ranks)
+    if r.test is not None and p.best_val < math.inf:
         if d.world > 1:
-            dist.barrier()
-        model.load_state_dict(checkpoint.load(best, map_location=device)["model"])
-        nll, tokens = evaluate(model, test_loader, device, d, cfg.amp)
+            dist.barrier()  # rank 0 has written best.pt
+        r.model.load_state_dict(checkpoint.load(best, map_location=r.device)["model"])
+        nll, tokens = evaluate(r.model, r.test, r.device, d, r.cfg.amp)
         result["test_ppl"] = _ppl(nll, tokens)
-        metrics.write({"step": p.step, "split": "test", "loss": nll / tokens, "ppl": result["test_ppl"], "tokens": tokens})
+        result["test_tokens"] = tokens
+        r.metrics.write({"step": p.step, "split": "test", "loss": nll / tokens, "ppl": result["test_ppl"],
+                         "tokens": tokens})
+        r.report.say(f"test perplexity {result['test_ppl']:.2f} ({r.cfg.mode} protocol, {tokens:,} tokens)")
     if d.main:
-        (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        if cfg.plot:
-            _plot(out_dir)
+        (r.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if r.cfg.plot:
+            _plot(r.out_dir)
         print(json.dumps(result), file=sys.stderr)
     return result
+
+
+def _exit_on_signal(r: _Run, argv) -> None:
+    signum = r.stop.signum
+    if r.d.main:
+        print(f"{signal.Signals(signum).name}: saved a checkpoint at step {r.p.step} in {r.ckpt_dir}.\n"
+              f"Resume with: {_resume_command(argv)}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def _resume_command(argv) -> str:
+    """The command that continues this run, as it was launched (torchrun included)."""
+    args = " ".join([*argv, "train.resume=auto"])
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return f"python -m lm.train {args}"
+    nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    launch = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '1')}"
+    if nodes > 1:
+        launch += (f" --nnodes {nodes} --rdzv_backend c10d --rdzv_endpoint "
+                   f"{os.environ.get('MASTER_ADDR', 'HOST')}:{os.environ.get('MASTER_PORT', '29500')}")
+    return f"{launch} -m lm.train {args}"
+
+
+# --------------------------------------------------------------------------- the pieces the loop calls
+
+
+def _budget_fraction(r: _Run) -> float:
+    """How much of the run's budget is spent, in [0, 1]: the first of epochs, max_steps and
+    max_time to run out decides. A cosine schedule ends exactly at the stop this way."""
+    cfg, p = r.cfg, r.p
+    spent = [0.0]
+    if cfg.max_steps:
+        spent.append(p.step / cfg.max_steps)
+    if cfg.epochs:
+        spent.append((p.epoch + p.consumed / max(1, len(r.train))) / cfg.epochs)
+    if cfg.max_time:
+        spent.append(p.elapsed / cfg.max_time)
+    return min(1.0, max(spent))
+
+
+def _validate(r: _Run) -> float:
+    """Validation loss; at most once per step (a second call at the same step returns the
+    first result, so a plateau schedule never sees the same model twice)."""
+    p = r.p
+    if p.last_val_step == p.step:
+        return p.last_val_loss
+    nll, tokens = evaluate(r.model, r.val, r.device, r.d, r.cfg.amp)
+    loss = nll / tokens
+    improved = loss < p.best_val
+    r.lr_at.on_validation(loss)
+    if improved:
+        p.best_val = loss
+        if r.d.main:
+            checkpoint.save({**r.meta, "model": r.model.state_dict(), "step": p.step, "val_loss": loss},
+                            r.ckpt_dir / "best.pt")
+    p.last_val_step, p.last_val_loss = p.step, loss
+    ppl = _ppl(nll, tokens)
+    r.metrics.write({"step": p.step, "epoch": p.epoch, "split": "validation", "loss": loss, "ppl": ppl,
+                     "tokens": tokens, "best": improved})
+    r.report.say(f"step {p.step} | epoch {p.epoch} | validation perplexity {ppl:.2f} "
+                 f"({r.cfg.mode} protocol, {tokens:,} tokens){' | best' if improved else ''}")
+    return loss
+
+
+def _save(r: _Run, kind: str) -> None:
+    """Step checkpoint (for resume) of every rank's position, written by rank 0."""
+    d, p = r.d, r.p
+    p.elapsed = time.perf_counter() - r.clock0 if d.world == 1 else p.elapsed
+    all_rng = d.all_gather(_rng_state())  # each rank's own streams (dropout differs per rank)
+    carry = d.all_gather(None if r.carry is None else [s.cpu() for s in r.carry]) if r.train.carries_state else None
+    if not d.main:
+        return
+    state = {**r.meta, "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
+             "schedule": r.lr_at.state_dict(), "data": r.train.state_dict(p.consumed),
+             "progress": vars(p).copy(), "rng": all_rng, "kind": kind, "carry": carry, "world": d.world,
+             "tf_ratio": teacher_forcing_ratio(r.cfg.teacher_forcing, p.step)}
+    checkpoint.save(state, checkpoint.step_path(r.ckpt_dir, p.step))
+    checkpoint.prune(r.ckpt_dir, r.cfg.keep_checkpoints)
+
+
+def _resume(r: _Run) -> Path | None:
+    """Restore everything from a checkpoint (``train.resume``: ``auto``, a path, or null)."""
+    spec, meta, d = r.cfg.resume, r.meta, r.d
+    if spec is None:
+        return None
+    if spec == "auto":
+        found = checkpoint.load_latest(r.ckpt_dir)
+        if found is None:
+            return None
+        ckpt, path = found
+    else:
+        path = Path(spec).expanduser()
+        ckpt = checkpoint.load(path)
+    if ckpt.get("tokenizer") != meta["tokenizer"] or ckpt.get("vocab_size") != meta["vocab_size"]:
+        raise UserError(f"{path} was trained with another tokenizer/vocabulary than the prepared data in "
+                        f"{meta['recipe']['data']['output']}; resume with the same data, or start a new train.output_dir")
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path} holds model weights only (best.pt); resume from a step-*.pt checkpoint")
+    saved_mode = ckpt["recipe"]["train"].get("mode", "sequence")
+    if saved_mode != r.cfg.mode:
+        raise UserError(f"{path} was trained in {saved_mode} mode; resume it with train.mode={saved_mode}")
+    if r.train.carries_state and ckpt.get("world", 1) != d.world:
+        raise UserError(f"{path} was written by {ckpt.get('world', 1)} process(es) in stream mode, whose carried "
+                        f"states are per rank; resume it with the same number of processes (now {d.world})")
+    try:
+        r.model.load_state_dict(ckpt["model"])
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.train.load_state_dict(ckpt["data"] if "data" in ckpt else ckpt["sampler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} does not fit this recipe's model/data: {checkpoint.mismatch(e)}") from None
+    r.lr_at.load_state_dict(ckpt["schedule"])
+    for k, v in ckpt["progress"].items():
+        setattr(r.p, k, v)
+    rng = ckpt["rng"]
+    _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+    carry = (ckpt.get("carry") or [None])[d.rank] if r.train.carries_state else None
+    r.carry = None if carry is None else tuple(s.to(r.device) for s in carry)
+    return path
 
 
 def _check_replicas(model: torch.nn.Module, d: Dist) -> None:
@@ -442,39 +744,7 @@ def _check_replicas(model: torch.nn.Module, d: Dist) -> None:
         raise RuntimeError(f"DDP replicas diverged: weight digests per rank differ ({', '.join(x[:12] for x in digests)})")
 
 
-def _out_of_time(cfg, start: float) -> bool:
-    return cfg.max_time is not None and time.perf_counter() - start >= cfg.max_time
-
-
-def _resume(spec, ckpt_dir: Path, meta: dict, model, optimizer, lr_at, sampler, p: Progress, d: Dist) -> Path | None:
-    """Restore everything from a checkpoint (``spec``: ``auto``, a path, or ``None``)."""
-    if spec is None:
-        return None
-    if spec == "auto":
-        found = checkpoint.load_latest(ckpt_dir)
-        if found is None:
-            return None
-        ckpt, path = found
-    else:
-        path = Path(spec).expanduser()
-        ckpt = checkpoint.load(path)
-    if ckpt.get("tokenizer") != meta["tokenizer"] or ckpt.get("vocab_size") != meta["vocab_size"]:
-        raise UserError(f"{path} was trained with another tokenizer/vocabulary than the prepared data in "
-                        f"{meta['recipe']['data']['output']}; resume with the same data, or start a new train.output_dir")
-    if "optimizer" not in ckpt:
-        raise UserError(f"{path} holds model weights only (best.pt); resume from a step-*.pt checkpoint")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not fit this recipe's model/data: {checkpoint.mismatch(e)}") from None
-    lr_at.load_state_dict(ckpt["schedule"])
-    for k, v in ckpt["progress"].items():
-        setattr(p, k, v)
-    rng = ckpt["rng"]
-    _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
-    return path
+# --------------------------------------------------------------------------- what the user sees
 
 
 class _Metrics:
@@ -492,32 +762,84 @@ class _Metrics:
                 f.write(json.dumps({k: (float(f"{v:.10g}") if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
 
 
-def _log_train(metrics, bar, window, p: Progress, lr, tf, grad_norm, start, d: Dist) -> None:
-    nll, tokens = d.all_sum(float(window["nll"]), window["tokens"])
+class _Reporter:
+    """Progress on rank 0: a tqdm bar in a terminal, plain lines in a log file.
+
+    The bar's total follows the real budget: the steps of ``epochs`` / ``max_steps``,
+    or, when ``max_time`` will run out first, the steps it is projected to allow.
+    Without a terminal, a line per train log record (at least every
+    ``train.progress_every`` seconds) carries the same figures.
+    """
+
+    def __init__(self, r: _Run) -> None:
+        self.r = r
+        cfg = r.cfg
+        self.enabled = r.d.main
+        self.tty = self.enabled and sys.stderr.isatty()
+        limits = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * len(r.train)) if n]
+        self.bar = tqdm(total=min(limits) if limits else None, initial=r.p.step, desc="train", unit="step",
+                        disable=not self.tty, dynamic_ncols=True)
+
+    def step(self) -> None:
+        if not self.tty:
+            return
+        fraction = _budget_fraction(self.r)
+        if fraction > 0 and self.r.cfg.max_time:
+            projected = max(self.r.p.step, round(self.r.p.step / fraction))
+            if self.bar.total is None or projected < self.bar.total:
+                self.bar.total = projected
+        self.bar.update(1)
+
+    def train_record(self, rec: dict) -> None:
+        if self.tty:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{rec['lr']:.3g}",
+                                 tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
+        elif self.enabled:
+            cfg = self.r.cfg
+            budget = " | ".join(x for x in (cfg.max_steps and f"max_steps {cfg.max_steps}",
+                                            cfg.epochs and f"epochs {cfg.epochs}",
+                                            cfg.max_time and f"max_time {cfg.max_time:g}s") if x)
+            print(f"step {rec['step']} | epoch {rec['epoch']} | loss {rec['loss']:.4f} | ppl {rec['ppl']:.2f} | "
+                  f"lr {rec['lr']:.3g} | {rec['tokens_per_s']:,.0f} tok/s | {rec['elapsed_s']:.0f}s "
+                  f"({100 * _budget_fraction(self.r):.0f}% of {budget})", file=sys.stderr, flush=True)
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line, file=sys.stderr) if self.tty else print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _log_train(r: _Run) -> None:
+    p, w = r.p, r.window
+    nll, tokens = r.d.all_sum(float(w["nll"]), w["tokens"])
     now = time.perf_counter()
     loss = nll / max(tokens, 1)
-    rate = (p.tokens - window["tok0"]) / max(now - window["t"], 1e-9)
-    rec = {"step": p.step, "epoch": p.epoch, "split": "train", "loss": loss, "ppl": _ppl(nll, tokens), "lr": lr,
-           "tokens": p.tokens, "elapsed_s": now - start, "tokens_per_s": rate, "grad_norm": float(grad_norm),
-           "teacher_forcing": tf, "skipped_steps": p.skipped}
-    metrics.write(rec)
-    bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{rec['ppl']:.1f}", lr=f"{lr:.3g}", tok_s=f"{rate:,.0f}", refresh=False)
-    window.update(nll=0.0, tokens=0, t=now, tok0=p.tokens)
+    rate = (p.tokens - w["tok0"]) / max(now - w["t"], 1e-9)
+    rec = {"step": p.step, "epoch": p.epoch, "split": "train", "loss": loss, "ppl": _ppl(nll, tokens),
+           "lr": w["lr"], "tokens": p.tokens, "elapsed_s": now - r.clock0, "tokens_per_s": rate,
+           "grad_norm": float(w["grad_norm"]), "teacher_forcing": w["tf"], "skipped_steps": p.skipped}
+    r.metrics.write(rec)
+    r.report.train_record(rec)
+    w.update(nll=0.0, tokens=0, t=now, tok0=p.tokens, last_log=now)
 
 
-def _samples(model: RNNLM, recipe: Recipe, tokenizer_json: str, ids: dict, metrics, p: Progress, d: Dist) -> None:
+def _samples(r: _Run) -> None:
     """A few greedy continuations of the recipe's prompts (rank 0)."""
-    if not d.main or not recipe.train.prompts:
+    cfg = r.cfg
+    if not r.d.main or not cfg.prompts:
         return
     from lm.generate import complete  # needs `tokenizers`
 
     try:
-        texts = complete(model, tokenizer_json, ids, recipe.train.prompts, max_new_tokens=recipe.train.sample_tokens)
+        texts = complete(r.model, r.meta["tokenizer"], r.meta["special_ids"], cfg.prompts,
+                         max_new_tokens=cfg.sample_tokens)
     except ImportError:
         return
-    for prompt, text in zip(recipe.train.prompts, texts):
-        metrics.write({"step": p.step, "epoch": p.epoch, "split": "sample", "prompt": prompt, "text": text})
-        tqdm.write(f"  [{prompt}] → {text}", file=sys.stderr)
+    for prompt, text in zip(cfg.prompts, texts):
+        r.metrics.write({"step": r.p.step, "epoch": r.p.epoch, "split": "sample", "prompt": prompt, "text": text})
+        r.report.say(f"  [{prompt}] → {text}")
 
 
 def _plot(out_dir: Path) -> None:

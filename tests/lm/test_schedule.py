@@ -64,8 +64,22 @@ def test_decays_never_increase(schedule, extra):
 # --------------------------------------------------------------------------- learning rate
 
 
-def lr_schedule(total_steps: int | None = None, **cfg) -> LRSchedule:
-    return LRSchedule(TrainConfig(**cfg), total_steps)
+class StepBudget:
+    """An ``LRSchedule`` driven by a step budget, as the trainer drives it: the fraction of
+    the budget spent is ``step / total_steps`` (0 without a step budget)."""
+
+    def __init__(self, total_steps: int | None, cfg: TrainConfig) -> None:
+        self.schedule, self.total = LRSchedule(cfg), total_steps
+
+    def __call__(self, step: int) -> float:
+        return self.schedule(step, min(1.0, step / self.total) if self.total else 0.0)
+
+    def __getattr__(self, name):
+        return getattr(self.schedule, name)
+
+
+def lr_schedule(total_steps: int | None = None, **cfg) -> StepBudget:
+    return StepBudget(total_steps, TrainConfig(**cfg))
 
 
 def test_warmup_is_linear_from_base_over_warmup_steps():
@@ -79,10 +93,24 @@ def test_cosine_after_warmup_reaches_min_lr_at_total_steps():
     # span = 14 - 4 = 10 steps of cosine: progress (step - 4) / 10
     for step in (4, 6, 9, 13, 14, 20):
         progress = min(1.0, (step - 4) / 10)
-        assert s(step) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)), abs=1e-15)
+        assert s(step) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)), abs=1e-12)
     assert s(4) == 1.0
-    assert s(9) == pytest.approx(0.55, abs=1e-15)
-    assert s(14) == pytest.approx(0.1, abs=1e-15) and s(1000) == pytest.approx(0.1, abs=1e-15)
+    assert s(9) == pytest.approx(0.55, abs=1e-12)
+    assert s(14) == pytest.approx(0.1, abs=1e-12) and s(1000) == pytest.approx(0.1, abs=1e-12)
+    assert s.warm_end == pytest.approx(4 / 14, abs=1e-15)
+
+
+def test_cosine_on_a_time_budget_ends_at_the_stop_and_resumes_exactly():
+    """With max_time the fraction is the time spent: the decay ends exactly at the stop."""
+    cfg = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=2, schedule="cosine", epochs=None, max_time=100.0)
+    a = LRSchedule(cfg)
+    assert [a(0, 0.01), a(1, 0.02)] == [0.5, 1.0]  # warmup counts steps
+    assert a(2, 0.2) == 1.0 and a.warm_end == 0.2  # the cosine spans the remaining 80%
+    assert a(50, 0.6) == pytest.approx(0.5, abs=1e-12)
+    assert a(99, 1.0) == pytest.approx(0.0, abs=1e-12)
+    b = LRSchedule(cfg)
+    b.load_state_dict(a.state_dict())
+    assert [b(s, f) for s, f in ((60, 0.7), (70, 0.9))] == [a(60, 0.7), a(70, 0.9)]
 
 
 def test_cosine_without_warmup_starts_at_base():
@@ -123,14 +151,14 @@ def test_state_dict_round_trip_continues_identically():
     for loss in (2.0, 2.1, 1.9, 1.95):
         a.on_validation(loss)
     state = a.state_dict()
-    assert state == {"base": 0.25, "best": 1.9}
+    assert state == {"base": 0.25, "best": 1.9, "warm_end": None}
     b = lr_schedule(20, lr=1.0, schedule="plateau", plateau_factor=0.5, warmup_steps=3)
     b.load_state_dict(state)
     assert [b(i) for i in range(25)] == [a(i) for i in range(25)]
     for loss in (1.8, 1.85, 1.85):
         a.on_validation(loss)
         b.on_validation(loss)
-    assert b.state_dict() == a.state_dict() == {"base": 0.0625, "best": 1.8}
+    assert b.state_dict() == a.state_dict() == {"base": 0.0625, "best": 1.8, "warm_end": None}
 
 
 def test_state_dict_of_a_fresh_schedule_holds_an_infinite_best():

@@ -54,7 +54,7 @@ def assert_same(a, b, path: str = "") -> None:
 def assert_same_training_state(a: Path, b: Path) -> None:
     """Two step checkpoints agree on everything that determines the rest of training."""
     ca, cb = checkpoint.load(a), checkpoint.load(b)
-    for key in ("model", "optimizer", "schedule", "sampler", "rng", "tf_ratio"):
+    for key in ("model", "optimizer", "schedule", "data", "carry", "rng", "tf_ratio"):
         assert_same(ca[key], cb[key], key)
     progress = lambda c: {k: v for k, v in c["progress"].items() if k != "elapsed"}  # noqa: E731
     assert progress(ca) == progress(cb)

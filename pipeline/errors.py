@@ -24,10 +24,11 @@ class HelpFormatter(argparse.HelpFormatter):
     (unless the default is ``None``/``False``/empty, which the help text explains)."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        paragraphs = text.split("\n\n")
-        return "\n\n".join(super(HelpFormatter, self)._fill_text(p, width, indent)
-                             if not any(line.startswith(" ") for line in p.splitlines()) else textwrap.indent(p, indent)
-                             for p in paragraphs)
+        out = []
+        for p in text.split("\n\n"):
+            indented = any(line.startswith(" ") for line in p.splitlines())
+            out.append(textwrap.indent(p, indent) if indented else super()._fill_text(p, width, indent))
+        return "\n\n".join(out)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""

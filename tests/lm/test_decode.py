@@ -317,7 +317,8 @@ def test_cli_shows_unk_and_bans_tokens(table_checkpoint, capsys):
     for ban in (["--no-unk"], ["--ban", "<unk>"], ["--ban", "3"], ["--ban", "<pad>", "--ban", "<unk>", "1"]):
         out, _ = run_generate(capsys, table_checkpoint, *prompts, *ban)
         assert out == ["cat sat", "cat sat", "<unk> cat sat"], ban
-    out, _ = run_generate(capsys, table_checkpoint, "--prompt", "sat", "--no-unk", "--ban", "<eos>", "--max-new-tokens", "3")
+    out, _ = run_generate(capsys, table_checkpoint, "--prompt", "sat", "--no-unk", "--ban", "<eos>",
+                          "--max-new-tokens", "3")
     assert out == ["sat cat sat cat"]
 
 

@@ -57,7 +57,8 @@ def test_attribute_docs_join_continuation_lines():
         b: int = 2
 
     assert attribute_docs(C) == {"a": "first line continued.", "b": "typed."}
-    assert describe(C, "c.") == [KeyDoc("c.a", "int", "1", "first line continued."), KeyDoc("c.b", "int", "2", "typed.")]
+    assert describe(C, "c.") == [KeyDoc("c.a", "int", "1", "first line continued."),
+                                 KeyDoc("c.b", "int", "2", "typed.")]
 
 
 def test_recipe_help_lists_sections_then_keys():

@@ -27,6 +27,23 @@ class ModelConfig:
     hidden-to-hidden matrices (0.5), one mask per batch; ``dropout_words`` drops whole
     words from the embedding (0.1); ``ar`` and ``tar`` weight the activation and temporal
     activation penalties the trainer adds to the loss (2 and 1).
+
+    Attributes:
+        cell: the recurrent cell: lstm, gru or rnn (Elman, tanh).
+        embed_dim: size of the token embeddings.
+        hidden_size: units per recurrent layer.
+        num_layers: stacked recurrent layers.
+        dropout_emb: dropout on the embeddings.
+        dropout_rnn: dropout between recurrent layers (ignored with one layer).
+        dropout_out: dropout on the last layer's outputs, before the softmax.
+        locked_dropout: one dropout mask per sequence for all its steps (emb and out).
+        locked_dropout_rnn: dropout_rnn locked too (one mask per sequence between layers; layers run one call each).
+        weight_drop: DropConnect on the hidden-to-hidden matrices, one mask per batch (AWD-LSTM: 0.5).
+        dropout_words: drop whole words from the embedding, one mask per batch (AWD-LSTM: 0.1).
+        ar: activation regularisation weight on the dropped top-layer outputs (AWD-LSTM: 2).
+        tar: temporal activation regularisation weight on successive raw outputs (AWD-LSTM: 1).
+        tie_weights: share the embedding matrix with the output layer (needs embed_dim == hidden_size).
+        adaptive_cutoffs: ids where the adaptive softmax's clusters start, e.g. [2000, 10000]; null = full softmax.
     """
 
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
@@ -84,6 +101,14 @@ class TeacherForcingConfig:
     ``inverse_sigmoid``: ``k / (k + exp(i / k))`` (``k`` >= 1).
     Below 1.0 the model steps through each batch and otherwise feeds its own argmax
     (or a sample from its softmax with ``sample: true``).
+
+    Attributes:
+        schedule: constant, linear, exponential or inverse_sigmoid (see above).
+        start: the probability at step 0 (1.0 = always the ground truth).
+        end: the floor the decaying schedules never go below.
+        decay_steps: steps the linear schedule takes from start to end.
+        k: the decay constant of the exponential (< 1) and inverse_sigmoid (>= 1) schedules.
+        sample: feed a sample from the model's softmax instead of its argmax.
     """
 
     schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
@@ -125,6 +150,42 @@ class TrainConfig:
     mean of the weights once validation is worse than the best from before the last
     ``nonmono`` evaluations; ``always`` from step 0. Validation, ``best.pt`` and the test
     then use the averaged weights.
+
+    Attributes:
+        output_dir: the run's folder: metrics.jsonl, result.json, recipe.yaml, checkpoints/.
+        device: auto (cuda > mps > cpu), or cpu, cuda, cuda:N, mps.
+        seed: seed of the initial weights, dropout and the batch order.
+        mode: sequence (every prepared row on its own) or stream (one continuous text, state carried).
+        max_tokens: sequence mode: predicted tokens per batch; null = use batch_size (4096 tokens if both are null).
+        batch_size: sequence mode: sequences per batch; stream mode: parallel streams (null = 20).
+        bptt: stream mode: tokens per window (truncated backpropagation through time).
+        variable_bptt: stream mode: draw window lengths around bptt as AWD-LSTM does (lr scaled by length / bptt).
+        eval_batch_size: stream mode: parallel streams when evaluating.
+        optimizer: sgd or adamw.
+        lr: the peak learning rate.
+        min_lr: the floor of the cosine and plateau schedules.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD); biases excluded with AdamW.
+        warmup_steps: steps of linear warmup up to lr (0 = none).
+        schedule: the learning rate after warmup: cosine (down to min_lr at the end of the budget), plateau or constant.
+        plateau_factor: the plateau schedule multiplies lr by this when validation does not improve.
+        clip: the gradient-norm clipping threshold; 0 = no clipping.
+        epochs: stop after this many epochs (null = no epoch limit).
+        max_steps: stop after this many optimizer steps (null = no step limit).
+        max_time: stop after this many seconds of the training loop, validation included (null = no limit).
+        eval_every: validate every this many steps too (null = once per epoch only).
+        log_every: write a train record to metrics.jsonl every this many steps.
+        progress_every: a train record (and, without a terminal, a progress line) at least every this many seconds.
+        checkpoint_every: write step-N.pt every this many steps (null = at epoch ends and the stop only).
+        keep_checkpoints: the newest step checkpoints kept; best.pt is kept besides.
+        resume: auto (the newest good checkpoint in output_dir), a checkpoint path, or null (a new run).
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        num_workers: DataLoader worker processes (0 = load in the training process).
+        prompts: texts continued greedily each epoch, printed and logged as samples.
+        sample_tokens: tokens generated per prompt sample.
+        max_nonfinite: abort after this many steps in a row with a non-finite gradient.
+        plot: write curves.png (needs matplotlib).
+        average: averaged weights for evaluation: off, nonmono (NT-ASGD's trigger) or always.
+        nonmono: with average=nonmono, evaluations that may fail to improve before averaging starts.
     """
 
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)

@@ -26,7 +26,6 @@ DDP, evaluation sums are reduced across ranks, and only rank 0 logs and writes.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -56,7 +55,7 @@ from pipeline.bptt import StreamWindows
 from pipeline.collate import PackedBatch, PackedCollator
 from pipeline.config import to_dict
 from pipeline.data import TokenDataset, make_loader, read_manifest
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
 # Under DDP the ranks agree on stopping and on the clock every this many steps (one
@@ -841,7 +840,7 @@ def _samples(r: _Run) -> None:
 
     try:
         texts = complete(r.model, r.meta["tokenizer"], r.meta["special_ids"], cfg.prompts,
-                         max_new_tokens=cfg.sample_tokens)
+                         max_new_tokens=cfg.sample_tokens, warn=r.p.epoch == 0)  # unknown prompt words: once
     except ImportError:
         return
     for prompt, text in zip(cfg.prompts, texts):
@@ -879,9 +878,18 @@ def _yaml(data: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lm.train", description="Train a GRU/LSTM language model from a recipe.")
+    from pipeline.confighelp import recipe_help
+
+    ap = ArgumentParser(
+        prog="python -m lm.train",
+        description="Train a GRU/LSTM language model from a recipe: prepares the data (data: section) when it "
+                    "is missing or stale, trains (model:, train:), and reports validation and test perplexity.",
+        epilog="Recipe keys, their defaults and types (from lm/config.py and pipeline/config.py):\n\n"
+               + recipe_help(Recipe),
+    )
     ap.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.cell=gru")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted overrides of recipe keys (listed below), e.g. train.max_steps=100 model.cell=gru")
     args = ap.parse_args(argv)
     if "=" in args.recipe:
         args.overrides.insert(0, args.recipe)

@@ -257,7 +257,13 @@ TOKENIZER_KINDS = ("word", "bpe", "bytelevel", "unigram", "char")
 
 @dataclass
 class SplitFiles:
-    """Explicit files per split (``data.source.files.train: [a.txt, b.txt]``)."""
+    """Explicit files per split (``data.source.files.train: [a.txt, b.txt]``).
+
+    Attributes:
+        train: the training text files.
+        validation: the validation files (none: held out from train, see data.holdout).
+        test: the test files (none: no test perplexity).
+    """
 
     train: list[Path] = field(default_factory=list, metadata=PATH)
     validation: list[Path] = field(default_factory=list, metadata=PATH)
@@ -270,6 +276,12 @@ class SourceConfig:
 
     ``dir`` holds per-split files named ``train``, ``valid`` or ``validation``, and
     ``test``, ending in ``.txt``, ``.jsonl``/``.json``, ``.csv`` or ``.parquet``.
+
+    Attributes:
+        hub: a Hugging Face hub dataset, e.g. Salesforce/wikitext (remote code is never run).
+        name: the hub dataset's configuration, e.g. wikitext-2-v1.
+        revision: a hub revision (branch, tag or commit) to pin the data to.
+        dir: a folder of per-split files (train / valid or validation / test).
     """
 
     hub: str | None = None  # e.g. Salesforce/wikitext
@@ -293,6 +305,14 @@ class TokenizerConfig:
     ``unigram`` (SentencePiece-style), ``char`` (one token per character, spaces included).
     ``vocab_size`` counts the special tokens; ``None`` keeps every type (word, char) or
     means 8,000 (subword kinds).
+
+    Attributes:
+        kind: word | bpe | bytelevel | unigram | char (see above).
+        path: a tokenizers tokenizer.json to load instead of training one (needs <pad>=0, <bos>, <eos>).
+        vocab_size: vocabulary size, special tokens included; null = every type (word, char) or 8,000.
+        min_frequency: a type seen fewer times in train is left out of the vocabulary (not for unigram).
+        lowercase: lowercase the text before tokenizing.
+        nfkc: apply Unicode NFKC normalization before tokenizing.
     """
 
     kind: Literal["word", "bpe", "bytelevel", "unigram", "char"] = "word"
@@ -325,6 +345,18 @@ class DataConfig:
     A missing validation split is made by holding out ``holdout`` of train (a seeded
     random subset of sequences); a missing test split is simply absent, and the trainer
     then reports no test perplexity.
+
+    Attributes:
+        output: the prepared-data folder (Arrow files, tokenizer.json, manifest.json).
+        text_column: the text column of json/jsonl/csv/parquet files.
+        mode: line (every line a sequence) or document (blank-line separated paragraphs).
+        max_len: most ids per stored sequence, <bos> and <eos> included; null = no cap.
+        overflow: what a sequence longer than max_len becomes: split, truncate or drop.
+        errors: invalid UTF-8 in a text file: strict (an error naming file and line) or replace.
+        holdout: fraction of train sequences held out as validation when no validation split exists.
+        seed: seed of the holdout's random subset.
+        num_proc: processes that encode the text (Dataset.map num_proc).
+        batch_size: texts per batch when training the tokenizer and encoding.
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)

@@ -12,7 +12,6 @@ behind. Re-running with the same data section and unchanged sources is a cache h
 """
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import json
@@ -31,7 +30,7 @@ import pyarrow as pa
 
 from pipeline.config import SPLITS, DataConfig, load_data_config, to_dict
 from pipeline.data import MANIFEST, TokenDataset
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 
 FORMAT_VERSION = 1
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3: <pad> = 0 is the notebook's pad id
@@ -533,9 +532,19 @@ def summary_table(manifest: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
+    from pipeline.config import DataRecipe
+    from pipeline.confighelp import recipe_help
+
+    p = ArgumentParser(prog="python -m pipeline.prepare",
+                       description="Prepare a recipe's data: section: read the text (hub or local files), train or "
+                                   "load a tokenizer, encode every sequence as <bos> ids <eos>, and write Arrow files, "
+                                   "tokenizer.json and manifest.json to data.output. Unchanged sources and data "
+                                   "section: a cache hit, nothing rebuilt.",
+                       epilog="Keys of the data: section, their defaults and types (from pipeline/config.py):\n\n"
+                              + recipe_help(DataRecipe))
     p.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted data.* overrides, e.g. data.max_len=128")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of data.* keys (listed below), e.g. data.max_len=128")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     args = p.parse_args(argv)

@@ -255,3 +255,88 @@ def test_debug_flag_shows_the_traceback(world: World):
 
     with pytest.raises(UserError, match="recipe not found"):
         lm.train.main([str(world.root / "nope.yaml"), "--debug"])
+
+
+# --------------------------------------------------------------------------- command lines and prompts
+# argparse mistakes in all three tools, and lm.generate's own bad input: the same contract.
+# One argparse mistake per tool and the non-UTF-8 prompt (argv bytes) run as real commands,
+# concurrently; the rest call main in-process (wrapped by the same `cli`).
+
+
+def _best(w: World) -> str:
+    return str(w.run / "checkpoints" / "best.pt")
+
+
+ARGV_CASES = [
+    Case("unknown-flag", "prepare", lambda w: [_ok(w), "--frce"],
+         r"^unrecognized arguments: --frce \(see python -m pipeline\.prepare --help\)$", subprocess=True),
+    Case("unknown-flag", "train", lambda w: [_ok(w), "--resume"],
+         r"^unrecognized arguments: --resume \(see python -m lm\.train --help\)$", subprocess=True),
+    Case("no-prompt", "generate", lambda w: [_best(w)],
+         r"^the following arguments are required: --prompt \(see python -m lm\.generate --help\)$", subprocess=True),
+    Case("bad-int", "generate", lambda w: [_best(w), "--prompt", "the", "--max-new-tokens", "1e9"],
+         r"^argument --max-new-tokens: invalid int value: '1e9'"),
+    Case("huge-max-new-tokens", "generate", lambda w: [_best(w), "--prompt", "the", "--max-new-tokens", str(10**18)],
+         r"^--max-new-tokens=1000000000000000000: at most 100,000$"),
+    Case("invalid-utf8-prompt", "generate", lambda w: [_best(w), "--prompt", "the", "--prompt", "caf\udce9 au lait"],
+         r"^--prompt #2 \(caf\\udce9 au lait\): invalid UTF-8 \(byte 0xe9 at character 4\); "
+         r"prompts must be UTF-8 text$", subprocess=True),
+    Case("no-tokenizer", "generate", lambda w: [str(w.root / "no_tokenizer.pt"), "--prompt", "the"],
+         r"no_tokenizer\.pt holds no tokenizer \(a checkpoint written by lm\.train carries one\); "
+         r"it cannot turn text into ids$"),
+    Case("top-k-greedy", "generate", lambda w: [_best(w), "--prompt", "the", "--top-k", "5", "--temperature", "0"],
+         r"^--top-k=5 samples, but --temperature=0 means greedy; drop one of them$"),
+    Case("nan-temperature", "generate", lambda w: [_best(w), "--prompt", "the", "--temperature", "nan"],
+         r"^--temperature=nan: must be a finite number >= 0$"),
+    Case("ban-unknown-token", "generate", lambda w: [_best(w), "--prompt", "the", "--ban", "zebra"],
+         r"^--ban zebra: not a token of this checkpoint's vocabulary, nor an id$"),
+    Case("ban-bad-id", "generate", lambda w: [_best(w), "--prompt", "the", "--ban", "99999"],
+         r"^--ban 99999: no such id \(the vocabulary has ids 0\.\.\d+\)$"),
+]
+
+
+@pytest.fixture(scope="module")
+def argv_world(world: World) -> World:
+    """The world plus a checkpoint without a tokenizer (another program's, or hand-edited)."""
+    path = world.root / "no_tokenizer.pt"
+    if not path.exists():
+        from lm import checkpoint
+
+        ckpt = torch.load(world.run / "checkpoints" / "best.pt", weights_only=True)
+        del ckpt["tokenizer"]
+        checkpoint.save(ckpt, path)
+    return world
+
+
+@pytest.fixture(scope="module")
+def argv_as_a_user(argv_world: World) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RNNLM_DEBUG", None)
+    before = snapshot(argv_world.root)
+    procs = {str(c): subprocess.Popen([sys.executable, "-m", MODULES[c.tool], *c.args(argv_world)], cwd=REPO_ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in ARGV_CASES if c.subprocess}
+    results = {}
+    for k, p in procs.items():
+        output = "".join(p.communicate(timeout=120))
+        results[k] = (p.returncode, output)
+    results["unchanged"] = snapshot(argv_world.root) == before
+    return results
+
+
+@pytest.mark.parametrize("case", [c for c in ARGV_CASES if not c.subprocess], ids=str)
+def test_command_line_mistakes_in_process(case: Case, argv_world: World, capsys):
+    before = snapshot(argv_world.root)
+    capsys.readouterr()
+    rc = MAINS[case.tool](case.args(argv_world))
+    out, err = capsys.readouterr()
+    check(case, rc, out + err)
+    assert snapshot(argv_world.root) == before
+
+
+@pytest.mark.parametrize("case", [c for c in ARGV_CASES if c.subprocess], ids=str)
+def test_command_line_mistakes_as_a_user(case: Case, argv_as_a_user: dict, world: World):
+    rc, output = argv_as_a_user[str(case)]
+    check(case, rc, output)  # stdout and stderr together: no usage block, no traceback
+    assert argv_as_a_user["unchanged"]
+    assert not any((world.root / n).exists() for n in NEW_FOLDERS)

@@ -108,6 +108,7 @@ class StreamWindows:
         self._starts, self._sizes = starts[block], sizes[block]  # this rank's streams
         self.epoch = 0
         self.position = 0  # windows of this epoch already yielded (or consumed, after a resume)
+        self._resume = False  # the next iteration continues from a restored position
         self._plan = self._make_plan()
 
     # -- the plan: window lengths of the epoch --------------------------------------------
@@ -136,7 +137,7 @@ class StreamWindows:
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` (a new plan with ``variable``); keeps a restored mid-epoch position."""
         if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
+            self.epoch, self.position, self._resume = epoch, 0, False
             self._plan = self._make_plan()
 
     def state_dict(self, windows_consumed: int | None = None) -> dict:
@@ -147,6 +148,7 @@ class StreamWindows:
         self.epoch = int(state["epoch"])
         self._plan = self._make_plan()
         self.position = int(state["position"])
+        self._resume = True
 
     # -- reading -------------------------------------------------------------------------
 
@@ -176,7 +178,10 @@ class StreamWindows:
         return [ids[b, : take[b] + 1] for b in range(active)]
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
-        """The rest of the epoch, from :attr:`position`."""
+        """The epoch's windows; right after :meth:`load_state_dict`, the rest of it."""
+        if not self._resume:
+            self.position = 0
+        self._resume = False
         while self.position < len(self):
             i = self.position
             self.position += 1

@@ -96,13 +96,15 @@ def test_variable_bptt_plan_is_seeded_and_resumable(prepared: Path) -> None:
     b = StreamWindows(ds, 1, 6, exact=False, variable=True, seed=3)
     assert np.array_equal(a._plan, b._plan) and a._plan[-1] == ds.num_tokens
     assert all(a.window_length(i) >= 5 or i == len(a) - 1 for i in range(len(a)))
-    first = next(iter(a))
+    it = iter(a)
+    first = next(it)
     state = a.state_dict()
-    rest = list(a)
+    rest = list(it)
     b.load_state_dict(state)
     assert [[x.tolist() for x in win] for win in b] == [[x.tolist() for x in win] for win in rest]
     b.set_epoch(1)
     assert b.position == 0 and not np.array_equal(b._plan, a._plan) and b._plan[-1] == ds.num_tokens
+    assert len(list(a)) == len(a)  # a new pass, not a resumed one, starts at the beginning
     assert first[0][0] == 1
 
 

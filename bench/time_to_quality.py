@@ -7,7 +7,7 @@ of training (evaluation not counted):
   batch 20, bptt 35, SGD lr 20 annealed /4 on a validation plateau each epoch, clip 0.25;
   its training step as in ``../shared/anchors/ptex_like.py``), evaluated as its ``main.py``
   does (eval batch 10, hidden state carried through the validation stream);
-* ``python -m lm.train recipes/wikitext_cpu.yaml`` with ``train.max_time`` set to the budget,
+* ``python -m lm.train recipes/wikitext.yaml`` (its CPU profile) with ``train.max_time`` set to the budget,
   reporting its best validation perplexity.
 
 Both perplexities are exp(NLL / tokens) over the same 217,646 validation tokens
@@ -109,7 +109,7 @@ def theirs(data_dir: Path, seconds: float) -> dict:
 
 def ours(data_dir: Path, seconds: float, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "lm.train", str(ROOT / "recipes" / "wikitext_cpu.yaml"), f"data.source.dir={data_dir}",
+        cmd = [sys.executable, "-m", "lm.train", str(ROOT / "recipes" / "wikitext.yaml"), f"data.source.dir={data_dir}",
                f"data.output={Path(tempfile.gettempdir()) / 'bench-wt2'}", f"train.output_dir={tmp}",
                f"train.max_time={seconds}", "train.plot=false", *extra]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -131,7 +131,7 @@ def main() -> None:
     if args.only != "ours":
         print(f"pytorch/examples default, {args.minutes:g} min: {json.dumps(theirs(args.data, seconds))}", flush=True)
     if args.only != "theirs":
-        print(f"lm.train recipes/wikitext_cpu.yaml, {args.minutes:g} min: {json.dumps(ours(args.data, seconds, args.extra))}", flush=True)
+        print(f"lm.train recipes/wikitext.yaml (CPU profile), {args.minutes:g} min: {json.dumps(ours(args.data, seconds, args.extra))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ rejected with the closest valid name. Values are checked once, in ``__post_init_
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import PATH, DataConfig, from_dict, load_recipe
+from pipeline.config import PATH, DataConfig, _Override, from_dict, load_recipe
+from pipeline.errors import UserError
 
 
 @dataclass
@@ -268,8 +271,63 @@ class Recipe:
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load and validate a full recipe (see ``pipeline.config`` for the rules).
 
+    A recipe may hold ``profiles:`` — per device type (``cpu``, ``cuda``, ``mps``), partial
+    ``model:`` / ``train:`` sections applied when ``train.device`` resolves to that type
+    (``auto``: cuda > mps > cpu). So one command trains the model each machine can afford.
+    Command-line overrides win over the profile, the profile over the recipe's sections.
+
     Raises:
         UserError: missing file, YAML error, unknown key, wrong type or invalid value.
     """
     raw, base_dir = load_recipe(path, overrides)
+    profiles = raw.pop("profiles", None)
+    if profiles is not None:
+        _apply_profile(raw, profiles, path)
     return from_dict(Recipe, raw, "", base_dir)
+
+
+PROFILE_DEVICES = ("cpu", "cuda", "mps")
+
+
+def _device_type(name: str) -> str:
+    if name != "auto":
+        return name.split(":")[0]
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return "mps"
+    return "cpu"
+
+
+def _apply_profile(raw: dict, profiles, path) -> None:
+    """Merge ``profiles[<device type>]`` into ``raw`` under the command-line overrides."""
+    if not isinstance(profiles, dict) or any(k not in PROFILE_DEVICES for k in profiles):
+        raise UserError(f"{path}: profiles: must map device types ({', '.join(PROFILE_DEVICES)}) to sections")
+    train = raw.get("train") or {}
+    kind = _device_type(str(train.get("device", "auto")))
+    profile = profiles.get(kind)
+    if not profile:
+        return
+    if not isinstance(profile, dict) or any(k not in ("model", "train") for k in profile):
+        raise UserError(f"{path}: profiles.{kind} may hold model: and train: sections only")
+
+    def merge(into: dict, extra: dict, where: str) -> None:
+        for key, value in extra.items():
+            if isinstance(into.get(key), _Override):
+                continue  # typed on the command line: it wins
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value, f"{where}.{key}")
+            else:
+                into[key] = value
+
+    for section, values in profile.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: profiles.{kind}.{section} must be a section (a mapping of keys)")
+        if raw.get(section) is None:  # absent, or an empty section
+            raw[section] = {}
+        merge(raw[section], values, section)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"device {kind}: applying the recipe's profiles.{kind} ({', '.join(sorted(profile))})",
+              file=sys.stderr)

@@ -69,9 +69,30 @@ def leaves(d: dict, prefix: str = "") -> dict:
     return out
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_builds_its_model(path: Path):
-    recipe = load(path)
+def variants() -> list[tuple[Path, str | None]]:
+    """Every recipe as loaded on each device type it has a profile for (``None``: no profile)."""
+    out = []
+    for path in RECIPES:
+        profiles = yaml.safe_load(path.read_text()).get("profiles") or {}
+        out += [(path, None), *((path, kind) for kind in profiles)]
+    return out
+
+
+def load_variant(path: Path, kind: str | None) -> tuple[Recipe, dict]:
+    """The recipe on a device of type ``kind`` (or one with no profile) and the raw values expected."""
+    raw = yaml.safe_load(path.read_text())
+    profiles = raw.pop("profiles", None) or {}
+    if kind is None:
+        free = next(k for k in ("cuda", "mps", "cpu") if k not in profiles)
+        return load(path, [f"train.device={free}"] if profiles else []), raw
+    for section, values in profiles[kind].items():
+        raw[section].update(values)
+    return load(path, [f"train.device={kind}"]), raw
+
+
+@pytest.mark.parametrize("path,kind", variants(), ids=lambda v: getattr(v, "name", v))
+def test_recipe_builds_its_model(path: Path, kind):
+    recipe, _ = load_variant(path, kind)
     V = vocab_size(recipe)
     m = recipe.model
     model = build_model(m, V)
@@ -79,20 +100,30 @@ def test_recipe_builds_its_model(path: Path):
     assert model.vocab_size == V
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_keys_are_read_with_the_values_written(path: Path):
-    raw = yaml.safe_load(path.read_text())
-    assert set(raw) <= {"data", "model", "train"}
-    recipe, valid, paths = load(path), set(field_names(Recipe)), path_keys()
+@pytest.mark.parametrize("path,kind", variants(), ids=lambda v: getattr(v, "name", v))
+def test_recipe_keys_are_read_with_the_values_written(path: Path, kind):
+    """On each device type, the recipe's values (its profile's where it has one) are what the code gets."""
+    assert set(yaml.safe_load(path.read_text())) <= {"data", "model", "train", "profiles"}
+    (recipe, raw), valid, paths = load_variant(path, kind), set(field_names(Recipe)), path_keys()
     loaded = leaves(to_dict(recipe))
     for key, value in leaves(raw).items():
         assert key in valid, key  # (load would have refused it; kept as documentation)
         got = loaded[key]
+        if key == "train.device" and "profiles" in path.read_text():
+            continue  # set on the command line to pick the profile
         if key in paths and value:  # relative to the recipe file
             resolve = lambda v: os.path.normpath(path.parent / v)  # noqa: E731
             assert got == ([resolve(v) for v in value] if isinstance(value, list) else resolve(value)), key
         else:
             assert got == value, key
+
+
+def test_command_line_wins_over_the_profile_and_the_profile_over_the_recipe():
+    wikitext = REPO_ROOT / "recipes" / "wikitext.yaml"
+    on_cpu = load(wikitext, ["train.device=cpu", "train.max_time=60"])
+    assert (on_cpu.train.mode, on_cpu.model.hidden_size, on_cpu.train.max_time) == ("sequence", 256, 60.0)
+    on_gpu = load(wikitext, ["train.device=cuda"])
+    assert (on_gpu.train.mode, on_gpu.model.hidden_size, on_gpu.train.max_time) == ("stream", 800, 600.0)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -611,13 +611,30 @@ def test_force_rebuilds(tmp_path, data_cfg, counted_builds):
     assert again["fingerprint"] == first["fingerprint"] and again["splits"] == first["splits"]
 
 
-def test_changing_the_data_section_rebuilds(tmp_path, data_cfg, counted_builds):
+def test_another_data_section_is_refused_unless_forced(tmp_path, data_cfg, counted_builds):
     write(tmp_path / "src", {"train.txt": "A b\nb\n", "valid.txt": "a\n"})
     first = prepare(data_cfg(), quiet=True)
-    second = prepare(data_cfg("data.tokenizer.lowercase=true"), quiet=True)
+    before = files_state(tmp_path / "out")
+    assert user_error(prepare, data_cfg("data.tokenizer.lowercase=true"), quiet=True) == (
+        f"data.output={tmp_path / 'out'} holds data prepared with another data section (data.tokenizer.lowercase=false, "
+        "this recipe: true); choose another data.output, or replace it with python -m pipeline.prepare RECIPE --force")
+    assert files_state(tmp_path / "out") == before and len(counted_builds) == 1
+    second = prepare(data_cfg("data.tokenizer.lowercase=true"), force=True, quiet=True)
     assert len(counted_builds) == 2 and second["fingerprint"] != first["fingerprint"]
     assert second["splits"]["validation"]["unk"] == 0 and first["splits"]["validation"]["unk"] == 1
-    assert prepare(data_cfg(), quiet=True)["fingerprint"] == first["fingerprint"] and len(counted_builds) == 3
+    assert prepare(data_cfg(), force=True, quiet=True)["fingerprint"] == first["fingerprint"] and len(counted_builds) == 3
+
+
+def test_data_from_another_source_is_refused_naming_both(tmp_path, data_cfg, counted_builds):
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    write(tmp_path / "mytext", {"train.txt": "c d\n", "valid.txt": "c\n"})
+    prepare(data_cfg(), quiet=True)
+    before = files_state(tmp_path / "out")
+    assert user_error(prepare, data_cfg("data.source.dir=mytext"), quiet=True) == (
+        f"data.output={tmp_path / 'out'} holds data prepared from {tmp_path / 'src'}, but this recipe's source is "
+        f"{tmp_path / 'mytext'}; choose another data.output, or replace it with python -m pipeline.prepare RECIPE --force")
+    assert files_state(tmp_path / "out") == before
+    assert prepare(data_cfg("data.source.dir=mytext"), force=True, quiet=True)["splits"]["train"]["tokens"] == 3
 
 
 def test_source_content_decides_the_cache(tmp_path, data_cfg, counted_builds):

@@ -70,6 +70,8 @@ class TokenDataset(torch.utils.data.Dataset):
         try:
             files = [split_dir / f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
             for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(2, "No such file or directory", f.name)
                 # nanoGPT's memmap habit: map the file, let the page cache do the rest
                 table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()
                 for chunk, length in zip(table.column("input_ids").chunks, table.column("length").chunks):

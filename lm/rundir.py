@@ -180,13 +180,14 @@ class RunDir:
             f"holds run {self.run_id}; resume it into its own folder, or into an empty train.output_dir"
         )
 
-    def release(self, failed: bool = False) -> None:
-        """Drop the lock. ``failed``: remove what the claim created if nothing else was written."""
+    def release(self, failed: bool = False, *, refused: bool = False) -> None:
+        """Drop the lock. ``failed``: remove what the claim created if nothing else was written
+        since (``refused``: the claim itself failed, so whatever else is there is not ours)."""
         if self._fd < 0:
             return
         if failed and self._created:
             rest = {p.name for p in self.folder.iterdir()} - {RUN_FILE, LOCK_FILE} if self.folder.is_dir() else set()
-            if not rest:
+            if refused or not rest:
                 for p in self._created:  # files first, then the folders the claim made
                     try:
                         p.rmdir() if p.is_dir() else p.unlink(missing_ok=True)
@@ -243,10 +244,14 @@ def claim(folder: str | Path, *, resume: str | None, recipe: dict) -> RunDir:
         if not lock.exists():
             created.insert(0, lock)
         fd = _lock(folder, lock)
-    except PermissionError as e:
-        raise UserError(f"train.output_dir={folder}: cannot write there ({e.strerror})") from None
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        for p in created:  # innermost first; only folders this claim made, and only if empty
+            if p.is_dir():
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+        if isinstance(e, PermissionError) or e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise UserError(f"train.output_dir={folder}: cannot write there ({e.strerror})") from None
         raise
     try:
@@ -257,7 +262,7 @@ def claim(folder: str | Path, *, resume: str | None, recipe: dict) -> RunDir:
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {info['run_id']}\n".encode(), 0)
         return run
     except BaseException:
-        RunDir(folder, {}, fd, created).release(failed=True)
+        RunDir(folder, {}, fd, created).release(failed=True, refused=True)
         raise
 
 

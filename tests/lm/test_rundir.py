@@ -87,6 +87,7 @@ def test_a_folder_from_before_run_ids_is_refused_then_adopted_by_resume(tmp_path
     (folder / "checkpoints" / "step-00000003.pt").write_bytes(b"x")
     with pytest.raises(UserError, match=r"already holds another run \(checkpoints\)"):
         claim(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints"]  # the refusal left no lock or run.json
     with claim(folder, "auto") as run:
         assert run.info["adopted"] is True
         run.check_checkpoint({"model": {}}, folder / "checkpoints" / "step-00000003.pt")  # no run id: accepted
@@ -278,3 +279,19 @@ def _get(d: dict, dotted: str):
     for k in dotted.split("."):
         d = d[k]
     return d
+
+
+def test_a_folder_that_refuses_writes_is_a_user_error(tmp_path, monkeypatch):
+    """The read-only case above, for a root user (permissions do not stop root): the lock
+    file cannot be created."""
+    real = os.open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith(rundir.LOCK_FILE):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.os, "open", deny)
+    with pytest.raises(UserError, match=r"^train.output_dir=.*/run: cannot write there \(Permission denied\)$"):
+        claim(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ Set ``RNNLM_DEBUG=1`` (or pass ``--debug``) to see the traceback anyway.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -12,6 +13,14 @@ from typing import Callable
 
 class UserError(Exception):
     """A mistake in the user's input (recipe, data, checkpoint, flags), not a bug."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose mistakes are a :class:`UserError` — one line under
+    :func:`cli`, not a usage block — pointing at ``--help``."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def cli(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:

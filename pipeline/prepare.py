@@ -12,8 +12,8 @@ behind. Re-running with the same data section and unchanged sources is a cache h
 """
 from __future__ import annotations
 
-import argparse
 import codecs
+import errno
 import hashlib
 import json
 import math
@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from pipeline.config import SPLITS, DataConfig, load_data_config, to_dict
 from pipeline.data import MANIFEST, TokenDataset
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 
 FORMAT_VERSION = 1
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3: <pad> = 0 is the notebook's pad id
@@ -454,13 +454,15 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
         manifest["elapsed_s"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_in(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in made:  # a failed first build leaves no empty folders behind (innermost first)
             try:
                 p.rmdir()
             except OSError:
                 pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"data.output={out}: no space left on device; nothing was written") from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -707,7 +709,7 @@ def summary_table(manifest: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted data.* overrides, e.g. data.max_len=128")
     p.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")

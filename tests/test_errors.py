@@ -141,6 +141,8 @@ CASES = [
          r"latin1/train\.txt:42: invalid UTF-8 \(byte 0xe9 at column 8\); fix the file or set data\.errors=replace$"),
     Case("max-len-1", "prepare", lambda w: [_ok(w), "data.max_len=1", *_data_to(w)],
          r"^data\.max_len=1: a sequence needs at least 2 ids"),
+    Case("unknown-flag", "prepare", lambda w: [_ok(w), "--bogus"],
+         r"^unrecognized arguments: --bogus \(see python -m pipeline\.prepare --help\)$"),
     Case("nan", "prepare", lambda w: [_ok(w), "data.holdout=nan", *_data_to(w)], r"^data\.holdout=nan: must be a finite number$"),
     Case("absurd-vocab-size", "prepare", lambda w: [_ok(w), "data.tokenizer.vocab_size=1000000000000", *_data_to(w)],
          r"^data\.tokenizer\.vocab_size=1000000000000: must be <= 16777216$", subprocess=True),

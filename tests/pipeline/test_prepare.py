@@ -531,8 +531,8 @@ def test_a_failed_manifest_write_leaves_nothing(tmp_path, data_cfg, monkeypatch)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    with pytest.raises(OSError):
-        prepare(data_cfg(), quiet=True)
+    assert user_error(prepare, data_cfg(), quiet=True) == (
+        f"data.output={tmp_path / 'out'}: no space left on device; nothing was written")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

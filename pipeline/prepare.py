@@ -436,7 +436,11 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
             for f in src.files
         ]
     if cfg.tokenizer.path is not None and cfg.tokenizer.path.is_file():
-        sources.append({"tokenizer": str(cfg.tokenizer.path), "sha256": hashlib.sha256(cfg.tokenizer.path.read_bytes()).hexdigest()})
+        try:
+            digest = hashlib.sha256(cfg.tokenizer.path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise UserError(f"data.tokenizer.path: cannot read {cfg.tokenizer.path} ({e.strerror})") from None
+        sources.append({"tokenizer": str(cfg.tokenizer.path), "sha256": digest})
     fp = _fingerprint(cfg, sources)
 
     _recover_interrupted_swap(out)

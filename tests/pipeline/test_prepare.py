@@ -966,3 +966,18 @@ def test_an_unreadable_source_is_one_line(tmp_path, data_cfg, monkeypatch):
 
     monkeypatch.setattr(prep, "open", deny, raising=False)
     assert user_error(prepare, data_cfg(), quiet=True) == f"{src / 'train.txt'}: cannot read (Permission denied)"
+
+
+def test_an_unreadable_tokenizer_file_is_one_line(tmp_path, data_cfg, monkeypatch):
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    (tmp_path / "tok.json").write_text("{}")
+    real = Path.read_bytes
+
+    def deny(self):
+        if self.name == "tok.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    assert user_error(prepare, data_cfg("data.tokenizer.path=tok.json"), quiet=True) == (
+        f"data.tokenizer.path: cannot read {tmp_path / 'tok.json'} (Permission denied)")

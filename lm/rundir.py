@@ -49,7 +49,8 @@ new one are compared key by key.
   sampler's position refers to), and ``train.`` ``seed``, ``optimizer``, ``weight_decay``
   (restored with the optimizer state), ``max_tokens``, ``batch_size`` (the epoch's batch
   plan), ``warmup_steps`` and ``schedule`` (the shape of the learning-rate curve). A key
-  added later is refused until it is listed in :data:`APPLIED`.
+  added later is refused until it is listed in :data:`APPLIED`; a key only one of the two
+  recipes has (a checkpoint of another toolkit version) is not compared.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def resume_changes(saved: dict, new: dict) -> list[str]:
         UserError: a changed key that a resume cannot apply (the first one, sorted).
     """
     a, b = _flatten(saved), _flatten(new)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    # a key one side lacks is a checkpoint from another version of the toolkit: nothing to compare
+    changed = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
     for key in changed:
         if not _applied(key):
             raise UserError(
@@ -169,7 +171,7 @@ class RunDir:
             UserError: the checkpoint belongs to another run.
         """
         theirs = ckpt.get("run_id")
-        if self.info.get("fresh"):
+        if self.info.pop("fresh", False):
             self.info["resumed_from"] = {"run_id": theirs, "checkpoint": str(path)}
             self._write_info()
             return

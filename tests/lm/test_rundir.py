@@ -263,10 +263,13 @@ def test_refused_changes_name_the_key_and_both_values(key, value):
                             "train.output_dir")
 
 
-def test_a_key_the_rules_do_not_list_is_refused():
+def test_a_key_the_rules_do_not_list_is_refused_and_one_only_one_side_has_is_not_compared():
+    saved = {**RECIPE, "train": {**RECIPE["train"], "brand_new_key": None}}
     new = {**RECIPE, "train": {**RECIPE["train"], "brand_new_key": 1}}
     with pytest.raises(UserError, match=r"^train\.brand_new_key=1 differs from the checkpoint's train\.brand_new_key=null"):
-        rundir.resume_changes(RECIPE, new)
+        rundir.resume_changes(saved, new)
+    assert rundir.resume_changes(RECIPE, new) == []  # a checkpoint from before the key existed
+    assert rundir.resume_changes(new, RECIPE) == []
 
 
 def test_every_applied_rule_names_a_real_key():

@@ -6,10 +6,12 @@ recipe is stored as a dict and the tokenizer as its JSON text, never pickled obj
 
 Writes go to a temporary file that is fsync'ed and renamed, so a kill at any moment
 leaves either the old file or the new one. A ``.sha256`` file beside each checkpoint
-lets a truncated or corrupted file be told apart from a good one.
+lets a truncated or corrupted file be told apart from a good one; it is updated so that
+the pair verifies at every moment of a save (see :func:`save`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -26,17 +28,77 @@ _STEP = re.compile(r"^step-(\d+)\.pt$")
 
 
 def save(obj: dict, path: Path) -> None:
-    """Write ``obj`` to ``path`` atomically (temp file, fsync, rename) with its checksum."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``obj`` to ``path`` with its checksum, atomically as the loader sees it.
+
+    The order makes every moment of the sequence leave a pair :func:`load` accepts:
+
+    1. the new file is written to ``.NAME.tmp-PID`` and fsync'ed;
+    2. the ``.sha256`` sidecar is replaced by one listing the new digest *and* the current
+       file's, so the old file still verifies;
+    3. the temporary file is renamed over ``path`` (now the new file verifies);
+    4. the sidecar is replaced by one listing only the new digest.
+
+    Temporary files that killed processes left in the folder are removed first.
+
+    Raises:
+        UserError: the file cannot be written (disk full: "no space left"; read-only,
+            permissions); the temporary files are removed and earlier checkpoints are intact.
+    """
+    sidecar = path.with_name(path.name + ".sha256")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    _write_atomic(path.with_name(path.name + ".sha256"), digest + "\n")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        current = []
+        if path.is_file():  # the file on disk now: its sidecar's one digest, else hashed (a pair left mid-save)
+            listed = _digests(sidecar)
+            current = listed if len(listed) == 1 else [_sha256(path)]
+        _write_atomic(sidecar, "".join(f"{d}\n" for d in [digest, *current]))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        _write_atomic(sidecar, digest + "\n")
+    except (OSError, RuntimeError) as e:
+        for t in (tmp, sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")):
+            try:
+                t.unlink(missing_ok=True)
+            except OSError:
+                pass
+        err = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if err is None:  # a RuntimeError that is not about the disk: a bug, keep the traceback
+            raise
+        why = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        raise UserError(f"cannot write checkpoint {path}: {why}") from None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` files whose process is gone (a save killed midway)."""
+    for p in folder.glob(".*.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _digests(sidecar: Path) -> list[str]:
+    """The digests a sidecar vouches for (two during a save, see :func:`save`)."""
+    try:
+        return sidecar.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -49,7 +111,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file() and sidecar.read_text().strip() != _sha256(path):
+    if sidecar.is_file() and _sha256(path) not in _digests(sidecar):
         raise UserError(f"{path} is corrupt or truncated (checksum mismatch)")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
         raise UserError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save)")
@@ -115,6 +177,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

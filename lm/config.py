@@ -1,7 +1,9 @@
 """The ``model:`` and ``train:`` sections of a recipe (``data:`` lives in ``pipeline/config.py``).
 
 Every key a recipe may hold is a field below, with its default; anything else is
-rejected with the closest valid name. Values are checked once, in ``__post_init__``.
+rejected with the closest valid name. Every number is checked generically (finite, in
+the range its ``num(...)`` metadata gives, ``>= 0`` by default: ``pipeline.config.num``);
+rules that involve several keys are checked in ``__post_init__``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import PATH, DataConfig, _Override, from_dict, load_recipe
+from pipeline.config import PATH, DataConfig, _Override, from_dict, load_recipe, num
 from pipeline.errors import UserError
 
 
@@ -50,30 +52,22 @@ class ModelConfig:
     """
 
     cell: Literal["lstm", "gru", "rnn"] = "lstm"
-    embed_dim: int = 200
-    hidden_size: int = 200
-    num_layers: int = 2
-    dropout_emb: float = 0.2
-    dropout_rnn: float = 0.2
-    dropout_out: float = 0.2
+    embed_dim: int = field(default=200, metadata=num(ge=1, le=65536))
+    hidden_size: int = field(default=200, metadata=num(ge=1, le=65536))
+    num_layers: int = field(default=2, metadata=num(ge=1, le=64))
+    dropout_emb: float = field(default=0.2, metadata=num(lt=1))
+    dropout_rnn: float = field(default=0.2, metadata=num(lt=1))
+    dropout_out: float = field(default=0.2, metadata=num(lt=1))
     locked_dropout: bool = False
     locked_dropout_rnn: bool = False
-    weight_drop: float = 0.0
-    dropout_words: float = 0.0
-    ar: float = 0.0
-    tar: float = 0.0
+    weight_drop: float = field(default=0.0, metadata=num(lt=1))
+    dropout_words: float = field(default=0.0, metadata=num(lt=1))
+    ar: float = field(default=0.0, metadata=num(le=1e6))
+    tar: float = field(default=0.0, metadata=num(le=1e6))
     tie_weights: bool = False
-    adaptive_cutoffs: list[int] | None = None
+    adaptive_cutoffs: list[int] | None = field(default=None, metadata=num(ge=1, le=1 << 24))
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        for name in ("dropout_emb", "dropout_rnn", "dropout_out", "weight_drop", "dropout_words"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.ar < 0 or self.tar < 0:
-            raise ValueError(f"ar={self.ar}, tar={self.tar}: must be >= 0")
         if self.locked_dropout_rnn and (self.num_layers < 2 or self.dropout_rnn == 0.0):
             raise ValueError(f"locked_dropout_rnn=true needs num_layers >= 2 and dropout_rnn > 0 "
                              f"(got num_layers={self.num_layers}, dropout_rnn={self.dropout_rnn})")
@@ -115,10 +109,10 @@ class TeacherForcingConfig:
     """
 
     schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
-    start: float = 1.0
-    end: float = 0.0
-    decay_steps: int = 10000
-    k: float = 0.9999
+    start: float = field(default=1.0, metadata=num(le=1))
+    end: float = field(default=0.0, metadata=num(le=1))
+    decay_steps: int = field(default=10000, metadata=num(ge=1))
+    k: float = field(default=0.9999, metadata=num(gt=0, le=1e9))
     sample: bool = False
 
     def __post_init__(self) -> None:
@@ -193,38 +187,38 @@ class TrainConfig:
 
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)
     device: str = "auto"
-    seed: int = 1234
+    seed: int = field(default=1234, metadata=num(le=2**32 - 1))  # numpy seeds are uint32
     mode: Literal["sequence", "stream"] = "sequence"
-    max_tokens: int | None = None
-    batch_size: int | None = None
-    bptt: int = 35
+    max_tokens: int | None = field(default=None, metadata=num(ge=1))
+    batch_size: int | None = field(default=None, metadata=num(ge=1))
+    bptt: int = field(default=35, metadata=num(ge=2, le=10**6))
     variable_bptt: bool = False
-    eval_batch_size: int = 10
+    eval_batch_size: int = field(default=10, metadata=num(ge=1, le=10**6))
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 2e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
+    lr: float = field(default=2e-3, metadata=num(gt=0, le=1e3))
+    min_lr: float = field(default=0.0, metadata=num(le=1e3))
+    weight_decay: float = field(default=0.0, metadata=num(le=100))
     warmup_steps: int = 0
     schedule: Literal["cosine", "plateau", "constant"] = "plateau"
-    plateau_factor: float = 0.25
-    clip: float = 0.25
-    epochs: int | None = 10
-    max_steps: int | None = None
-    max_time: float | None = None
-    eval_every: int | None = None
-    log_every: int = 50
-    progress_every: float = 30.0
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 2
+    plateau_factor: float = field(default=0.25, metadata=num(gt=0, le=1))
+    clip: float = field(default=0.25, metadata=num(le=1e9))  # 0: no clipping
+    epochs: int | None = field(default=10, metadata=num(ge=1, le=10**6))
+    max_steps: int | None = field(default=None, metadata=num(ge=1))
+    max_time: float | None = field(default=None, metadata=num(gt=0, le=1e9))  # seconds
+    eval_every: int | None = field(default=None, metadata=num(ge=1))
+    log_every: int = field(default=50, metadata=num(ge=1))
+    progress_every: float = field(default=30.0, metadata=num(gt=0, le=1e9))  # seconds
+    checkpoint_every: int | None = field(default=None, metadata=num(ge=1))
+    keep_checkpoints: int = field(default=2, metadata=num(ge=1, le=10**6))
     resume: str | None = None
     average: Literal["off", "nonmono", "always"] = "off"
-    nonmono: int = 5
+    nonmono: int = field(default=5, metadata=num(ge=1, le=10**6))
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     amp: bool = True
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=num(le=256))
     prompts: list[str] = field(default_factory=list)
-    sample_tokens: int = 20
-    max_nonfinite: int = 5
+    sample_tokens: int = field(default=20, metadata=num(le=10**6))
+    max_nonfinite: int = field(default=5, metadata=num(ge=1))
     plot: bool = True
 
     def __post_init__(self) -> None:
@@ -238,25 +232,12 @@ class TrainConfig:
             raise ValueError(f"max_tokens={self.max_tokens}, batch_size={self.batch_size}: set one, not both")
         elif self.max_tokens is None and self.batch_size is None:
             self.max_tokens = 4096
-        if self.nonmono < 1:
-            raise ValueError(f"nonmono={self.nonmono}: must be >= 1")
-        if self.bptt < 2 or self.eval_batch_size < 1 or not self.progress_every > 0:
-            raise ValueError(f"bptt={self.bptt}, eval_batch_size={self.eval_batch_size}, progress_every="
-                             f"{self.progress_every}: need bptt >= 2, eval_batch_size >= 1, progress_every > 0")
-        for name in ("max_tokens", "batch_size", "epochs", "max_steps", "eval_every", "checkpoint_every"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name}={v}: must be >= 1 (or null)")
         if self.epochs is None and self.max_steps is None and self.max_time is None:
             raise ValueError("epochs, max_steps and max_time are all null: the run would never stop")
-        if self.lr <= 0 or self.clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay}: lr must be > 0, others >= 0")
-        if not 0.0 < self.plateau_factor <= 1.0:
-            raise ValueError(f"plateau_factor={self.plateau_factor}: must be in (0, 1]")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr}: must be <= lr={self.lr} (the floor of the learning rate)")
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise ValueError(f"resume={self.resume}: no such checkpoint (use auto, null, or a path)")
-        if self.keep_checkpoints < 1 or self.log_every < 1 or self.num_workers < 0 or self.max_nonfinite < 1:
-            raise ValueError("keep_checkpoints, log_every and max_nonfinite must be >= 1, num_workers >= 0")
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 
 from lm import checkpoint
 from lm.config import TrainConfig
-from lm.train import Dist, _data, _device, _ppl, evaluate
+from lm.device import resolve_device
+from lm.train import Dist, _data, _ppl, evaluate
 from pipeline.data import TokenDataset, read_manifest
 from pipeline.errors import UserError, cli
 
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--output", type=Path, help="also write the results as a JSON list to this file")
     args = ap.parse_args(argv)
 
-    device = _device(args.device, Dist())
+    device = resolve_device(args.device, option="--device")
     from lm.generate import load_model
 
     model, ckpt = load_model(args.checkpoint, device)

@@ -15,6 +15,7 @@ import torch
 from lm import checkpoint
 from lm.config import ModelConfig
 from lm.decode import generate
+from lm.device import resolve_device
 from lm.model import RNNLM, build_model
 from pipeline.errors import ArgumentParser, UserError, cli
 
@@ -172,12 +173,11 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--top-k={args.top_k} samples, but --temperature=0 means greedy; drop one of them")
     for i, prompt in enumerate(args.prompt, 1):
         _check_prompt(i, prompt)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={args.device} but no CUDA GPU is available")
-    model, ckpt = load_model(args.checkpoint, args.device)
+    device = resolve_device(args.device, option="--device")
+    model, ckpt = load_model(args.checkpoint, device)
     tok, ids = _tokenizer(args.checkpoint, ckpt)
     banned = _banned(args.ban, tok, ids, args.no_unk, model.embed.num_embeddings)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     texts = complete(model, ckpt["tokenizer"], ids, args.prompt, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, generator=gen, banned_ids=banned)
     for text in texts:

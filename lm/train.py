@@ -45,8 +45,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lm import checkpoint
+from lm import checkpoint, rundir
 from lm.averaging import WeightAverage
+from lm.device import resolve_device
 from lm import state as st
 from lm.config import Recipe, TrainConfig, load
 from lm.model import RNNLM, build_model
@@ -113,26 +114,6 @@ def _init_distributed(device_name: str) -> Dist:
     # all_sum reduces CPU tensors, which NCCL alone cannot: gloo takes those, NCCL the CUDA ones
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return d
-
-
-def _device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", d.local_rank)
-        if torch.backends.mps.is_available() and d.world == 1:
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device={name}: not a device (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is available (use train.device=auto or cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device=mps but MPS is not available (use train.device=auto or cpu)")
-    if device.type == "cuda" and d.world > 1:
-        device = torch.device("cuda", d.local_rank)
-    return device
 
 
 # --------------------------------------------------------------------------- data: the two protocols
@@ -400,7 +381,13 @@ def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
     d = _init_distributed(recipe.train.device)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(recipe, d, argv)
+        device = resolve_device(recipe.train.device, d.local_rank, world=d.world)
+        # rank 0 owns the output folder for the whole run (lm/rundir.py); a refusal comes
+        # before anything is written, and every rank stops with it
+        owner = _agreed(d, lambda: rundir.claim(recipe.train.output_dir, resume=recipe.train.resume,
+                                                recipe=to_dict(recipe)) if d.main else None)
+        with owner or contextlib.nullcontext():
+            return _run(recipe, d, device, argv, owner)
     finally:
         for s, h in handlers.items():  # _Stop's handlers must not outlive the run (notebooks, tests)
             if h is not None:
@@ -409,8 +396,22 @@ def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
             dist.destroy_process_group()
 
 
-def _run(recipe: Recipe, d: Dist, argv) -> dict:
-    r = _setup(recipe, d)
+def _agreed(d: Dist, fn):
+    """``fn()`` on every rank; if it raises a ``UserError`` on any rank, it raises on all of
+    them (a decision taken on rank 0 alone must not leave the others waiting)."""
+    error = None
+    try:
+        value = fn()
+    except UserError as e:
+        value, error = None, str(e)
+    errors = [e for e in d.all_gather(error) if e]
+    if errors:
+        raise UserError(errors[0])
+    return value
+
+
+def _run(recipe: Recipe, d: Dist, device: torch.device, argv, owner: rundir.RunDir | None) -> dict:
+    r = _setup(recipe, d, device, owner)
     reason = _already_done(r)  # a finished run resumed again (a requeued job) trains no further
     while reason is None:
         r.train.set_epoch(r.p.epoch)
@@ -430,9 +431,8 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
     return _finish(r, reason)
 
 
-def _setup(recipe: Recipe, d: Dist) -> _Run:
+def _setup(recipe: Recipe, d: Dist, device: torch.device, owner: rundir.RunDir | None) -> _Run:
     cfg = recipe.train
-    device = _device(cfg.device, d)
     torch.manual_seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
@@ -456,12 +456,14 @@ def _setup(recipe: Recipe, d: Dist) -> _Run:
         average = WeightAverage(model, nonmono=cfg.nonmono if cfg.average == "nonmono" else None)
     meta = {"recipe": to_dict(recipe), "tokenizer": (folder / "tokenizer.json").read_text(encoding="utf-8"),
             "special_ids": manifest["special_ids"], "vocab_size": manifest["vocab_size"],
-            "data_fingerprint": manifest["fingerprint"]}
+            "data_fingerprint": manifest["fingerprint"], **(owner.checkpoint_fields() if owner else {})}
     out_dir = cfg.output_dir
     r = _Run(recipe=recipe, d=d, device=device, model=model, ddp=ddp, optimizer=optimizer, lr_at=LRSchedule(cfg),
              train=train, val=val, test=test, meta=meta, out_dir=out_dir, metrics=None, report=None,
              stop=_Stop(announce=d.main), average=average)
-    resumed = _resume(r)
+    resumed = _agreed(d, lambda: _resume(r, owner))
+    if owner is not None:
+        owner.start()
     if average is not None and cfg.average == "always" and not resumed:
         average.start(0)
     if d.main:
@@ -688,7 +690,7 @@ def _save(r: _Run, kind: str) -> None:
     checkpoint.prune(r.ckpt_dir, r.cfg.keep_checkpoints)
 
 
-def _resume(r: _Run) -> Path | None:
+def _resume(r: _Run, owner: rundir.RunDir | None) -> Path | None:
     """Restore everything from a checkpoint (``train.resume``: ``auto``, a path, or null)."""
     spec, meta, d = r.cfg.resume, r.meta, r.d
     if spec is None:
@@ -706,6 +708,9 @@ def _resume(r: _Run) -> Path | None:
                         f"{meta['recipe']['data']['output']}; resume with the same data, or start a new train.output_dir")
     if "optimizer" not in ckpt:
         raise UserError(f"{path} holds model weights only (best.pt); resume from a step-*.pt checkpoint")
+    if owner is not None:
+        owner.check_checkpoint(ckpt, path)
+    changes = rundir.resume_changes(ckpt["recipe"], meta["recipe"])  # refuses what a resume cannot change
     saved_mode = ckpt["recipe"]["train"].get("mode", "sequence")
     if saved_mode != r.cfg.mode:
         raise UserError(f"{path} was trained in {saved_mode} mode; resume it with train.mode={saved_mode}")
@@ -719,6 +724,8 @@ def _resume(r: _Run) -> Path | None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this recipe's model/data: {checkpoint.mismatch(e)}") from None
     r.lr_at.load_state_dict(ckpt["schedule"])
+    if "train.lr" in changes:  # the new base rate, keeping the plateau annealing applied so far
+        r.lr_at.base *= meta["recipe"]["train"]["lr"] / ckpt["recipe"]["train"]["lr"]
     if r.average is not None and ckpt.get("average") is not None:
         r.average.load_state_dict(ckpt["average"])
     for k, v in ckpt["progress"].items():

@@ -3,11 +3,14 @@
 A recipe's ``data:`` section drives ``pipeline.prepare``; its ``model:`` and ``train:``
 sections drive ``lm.train`` (see ``lm/config.py``). The rules, shared by both:
 
-* YAML is read with ``yaml.safe_load`` — a recipe can never construct Python objects.
+* YAML is read with ``yaml.SafeLoader`` (plus ``1e-3`` as a float) — a recipe can never construct Python objects.
 * ``key=value`` overrides after the recipe path use dotted names
   (``data.max_len=128``); the value is parsed to the field's declared type.
 * Unknown keys fail, naming the closest valid key; wrong types fail, naming key,
-  value and expected type. Values are validated once, in ``__post_init__``.
+  value and expected type. Every number is checked generically against its field's
+  :func:`num` range (finite, ``>= 0`` by default); rules across keys run in
+  ``__post_init__``.
+* ``1e-3`` in a recipe is a float, as in YAML 1.2 (PyYAML alone reads it as a string).
 * Relative paths written in the recipe resolve against the recipe file's folder;
   relative paths given as overrides resolve against the current directory.
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +32,34 @@ import yaml
 from pipeline.errors import UserError
 
 PATH = {"path": True}  # field metadata: a filesystem path, resolved relative to the recipe
+INT_MAX = 2**31 - 1  # default ceiling of an int key (beyond it: a typo, or a tensor no kernel takes)
+FLOAT_MAX = 1e12  # default ceiling of a float key
+
+
+def num(*, ge: float | None = 0, gt: float | None = None, le: float | None = None, lt: float | None = None,
+        inf: bool = False) -> dict:
+    """Field metadata: the valid range of a numeric key (its list items, for a list).
+
+    Every ``int``/``float`` key is checked by :func:`from_dict`, with or without this:
+    floats must be finite (unless ``inf=True``), and values default to ``>= 0`` and
+    ``<= INT_MAX`` (ints) or ``<= FLOAT_MAX`` (floats). ``num`` tightens that per key.
+    Cross-key rules stay in the dataclass's ``__post_init__``.
+
+    Args:
+        ge, gt: lower bound, inclusive / exclusive (``ge=None`` lifts the default 0).
+        le, lt: upper bound, inclusive / exclusive (default: the type's ceiling).
+        inf: ``+inf`` is allowed (e.g. "no limit").
+    """
+    return {"range": {"ge": None if gt is not None else ge, "gt": gt, "le": le, "lt": lt, "inf": inf}}
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float: YAML 1.1 (PyYAML) wants a
+    dot in a float and makes ``1e-3`` a string; YAML 1.2 and every user mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 class _Override(str):
@@ -55,7 +88,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[dict, Path
     if not path.is_file():
         raise UserError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -148,6 +181,7 @@ def from_dict(cls: type, raw: Any, prefix: str, base_dir: Path, root: type | Non
             kwargs[name] = from_dict(tp, value, key, base_dir, root)
         else:
             kwargs[name] = _convert(value, tp, key, base_dir, fields[name].metadata.get("path", False))
+            _check_range(kwargs[name], fields[name].metadata.get("range", {}), key)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -167,6 +201,34 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _check_range(value: Any, rng: dict, key: str) -> None:
+    """The generic numeric check of every key (see :func:`num`): finite, within bounds."""
+    if isinstance(value, list):
+        for v in value:
+            _check_range(v, rng, key)
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    is_float = isinstance(value, float)
+    if is_float and (math.isnan(value) or (math.isinf(value) and not (rng.get("inf") and value > 0))):
+        raise UserError(f"{key}={value}: must be a finite number{'' if value != value else ' (or inf)' if rng.get('inf') else ''}")
+    if is_float and math.isinf(value):
+        return
+    ge, gt, lt = rng.get("ge", 0), rng.get("gt"), rng.get("lt")
+    le = rng.get("le", None)
+    if le is None and lt is None:
+        le = FLOAT_MAX if is_float else INT_MAX
+    rules = [(ge, ">=", value >= ge if ge is not None else True), (gt, ">", value > gt if gt is not None else True),
+             (le, "<=", value <= le if le is not None else True), (lt, "<", value < lt if lt is not None else True)]
+    broken = [f"{op} {_num(b)}" for b, op, ok in rules if not ok]
+    if broken:
+        raise UserError(f"{key}={value}: must be {broken[0]}")
+
+
+def _num(b: float) -> str:
+    return f"{b:g}" if isinstance(b, float) else str(b)
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
@@ -182,6 +244,8 @@ def _convert(value: Any, tp: Any, key: str, base_dir: Path, is_path: bool) -> An
     """Check (YAML values) or parse (command-line strings) ``value`` against type ``tp``."""
     try:
         return _coerce(value, tp, base_dir if not isinstance(value, _Override) else Path.cwd(), is_path)
+    except yaml.YAMLError as e:  # a list typed on the command line: train.prompts='[a, b'
+        raise UserError(f"{key}={value}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
     except (ValueError, TypeError):
         shown = str(value) if isinstance(value, _Override) else repr(value)
         raise UserError(f"{key}={shown}: expected {_type_name(tp)}") from None
@@ -207,7 +271,7 @@ def _coerce(value: Any, tp: Any, base_dir: Path, is_path: bool) -> Any:
         raise ValueError
     if origin is list:
         if from_cli:
-            value = yaml.safe_load(value)
+            value = yaml.load(value, Loader=_Loader)
             value = value if isinstance(value, list) else [value]
             value = [_Override(v) if isinstance(v, str) else v for v in value]
         if not isinstance(value, list):
@@ -317,16 +381,14 @@ class TokenizerConfig:
 
     kind: Literal["word", "bpe", "bytelevel", "unigram", "char"] = "word"
     path: Path | None = field(default=None, metadata=PATH)
-    vocab_size: int | None = None
-    min_frequency: int = 1
+    vocab_size: int | None = field(default=None, metadata=num(le=1 << 24))
+    min_frequency: int = field(default=1, metadata=num(ge=1))
     lowercase: bool = False
     nfkc: bool = False
 
     def __post_init__(self) -> None:
         if self.vocab_size is not None and self.vocab_size < 8:
             raise ValueError(f"vocab_size={self.vocab_size}: too small (at least 8)")
-        if self.min_frequency < 1:
-            raise ValueError(f"min_frequency={self.min_frequency}: must be >= 1")
 
 
 @dataclass
@@ -368,17 +430,15 @@ class DataConfig:
     overflow: Literal["split", "truncate", "drop"] = "split"
     errors: Literal["strict", "replace"] = "strict"
     holdout: float = 0.05
-    seed: int = 0
-    num_proc: int = 1
-    batch_size: int = 1000
+    seed: int = field(default=0, metadata=num(le=2**32 - 1))
+    num_proc: int = field(default=1, metadata=num(ge=1, le=1024))
+    batch_size: int = field(default=1000, metadata=num(ge=1, le=10**7))
 
     def __post_init__(self) -> None:
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"max_len={self.max_len}: a sequence needs at least 2 ids (<bos> and one predicted token)")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout}: must be between 0 and 1")
-        if self.num_proc < 1 or self.batch_size < 1:
-            raise ValueError(f"num_proc={self.num_proc}, batch_size={self.batch_size}: both must be >= 1")
 
 
 @dataclass

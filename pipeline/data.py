@@ -32,9 +32,14 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} is not a prepared dataset (no {MANIFEST}); run python -m pipeline.prepare first")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt: {e}") from None
+        raise UserError(f"{path} is corrupt: {e}; rebuild it with python -m pipeline.prepare RECIPE --force") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict) or "vocab_size" not in manifest:
+        raise UserError(f"{path} is corrupt: not a pipeline.prepare manifest; rebuild it with python -m pipeline.prepare RECIPE --force")
+    return manifest
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -60,16 +65,22 @@ class TokenDataset(torch.utils.data.Dataset):
         if not state.is_file():
             have = sorted(p.name for p in self.folder.iterdir() if (p / "state.json").is_file()) if self.folder.is_dir() else []
             raise UserError(f"{self.folder} has no {self.split!r} split (has: {', '.join(have) or 'none'})")
-        files = [split_dir / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
         self._values: list[np.ndarray] = []  # flat ids of each record batch, memory-mapped
         starts, lengths = [], []
-        for f in files:
-            # nanoGPT's memmap habit: map the file, let the page cache do the rest
-            table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()
-            for chunk, length in zip(table.column("input_ids").chunks, table.column("length").chunks):
-                self._values.append(chunk.values.to_numpy(zero_copy_only=True))
-                starts.append(chunk.offsets.to_numpy()[:-1].astype(np.int64))
-                lengths.append(length.to_numpy())
+        try:
+            files = [split_dir / f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(2, "No such file or directory", f.name)
+                # nanoGPT's memmap habit: map the file, let the page cache do the rest
+                table = pa.ipc.open_stream(pa.memory_map(str(f))).read_all()
+                for chunk, length in zip(table.column("input_ids").chunks, table.column("length").chunks):
+                    self._values.append(chunk.values.to_numpy(zero_copy_only=True))
+                    starts.append(chunk.offsets.to_numpy()[:-1].astype(np.int64))
+                    lengths.append(length.to_numpy())
+        except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as e:  # JSON, Arrow, missing files
+            why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{split_dir} is damaged ({why}); rebuild it with python -m pipeline.prepare RECIPE --force") from None
         self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         self.lengths: np.ndarray = (np.concatenate(lengths) if lengths else np.zeros(0, np.int32)).astype(np.int64)
         self._chunk_ends = np.cumsum([len(s) for s in starts], dtype=np.int64)

@@ -13,6 +13,7 @@ behind. Re-running with the same data section and unchanged sources is a cache h
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import json
 import math
@@ -56,8 +57,12 @@ def _local_splits(cfg: DataConfig) -> dict[str, _LocalSplit]:
     if src.dir is not None:
         if not src.dir.is_dir():
             raise UserError(f"data.source.dir: no such folder: {src.dir}")
+        try:
+            listing = sorted(src.dir.iterdir())
+        except OSError as e:
+            raise UserError(f"data.source.dir: cannot read {src.dir} ({e.strerror})") from None
         for split, stems in _SPLIT_STEMS.items():
-            hits = sorted(p for p in src.dir.iterdir() if p.is_file() and p.stem in stems and p.suffix in _BUILDERS)
+            hits = [p for p in listing if p.is_file() and p.stem in stems and p.suffix in _BUILDERS]
             if len(hits) > 1:
                 raise UserError(f"{src.dir}: more than one {split} file ({', '.join(p.name for p in hits)})")
             if hits:
@@ -65,14 +70,21 @@ def _local_splits(cfg: DataConfig) -> dict[str, _LocalSplit]:
         if "train" not in found:
             raise UserError(
                 f"{src.dir}: no train file (expected train.txt, .jsonl, .json, .csv or .parquet; "
-                f"found {', '.join(sorted(p.name for p in src.dir.iterdir())) or 'nothing'})"
+                f"found {', '.join(p.name for p in listing) or 'nothing'})"
             )
     else:
+        seen: dict[Path, str] = {}
         for split in SPLITS:
             files = getattr(src.files, split)
             for f in files:
                 if not f.is_file():
                     raise UserError(f"data.source.files.{split}: no such file: {f}")
+                real = f.resolve()
+                if real in seen:  # the same text twice would silently weigh it double (or leak it into evaluation)
+                    where = f"twice in data.source.files.{split}" if seen[real] == split else \
+                        f"in data.source.files.{seen[real]} and data.source.files.{split}"
+                    raise UserError(f"{f} is listed {where}; list each file once")
+                seen[real] = split
             if files:
                 found[split] = files
     out = {}
@@ -94,7 +106,11 @@ def _fingerprint_file(path: Path, validate_utf8: bool) -> dict:
     sha = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     ok = True
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
         while block := f.read(1 << 22):
             sha.update(block)
             if validate_utf8 and ok:
@@ -194,6 +210,7 @@ def _build_tokenizer(cfg: DataConfig, train, text_column: str, quiet: bool = Fal
         except Exception as e:
             raise UserError(f"{tc.path}: not a tokenizers tokenizer.json ({e})") from None
         _special_ids(tok, where=str(tc.path))
+        _check_unknown_token(tok, where=str(tc.path))
         return tok
 
     norms = ([normalizers.NFKC()] if tc.nfkc else []) + ([normalizers.Lowercase()] if tc.lowercase else [])
@@ -254,6 +271,16 @@ def _renumber_word_level(tok):
     new.normalizer, new.pre_tokenizer, new.decoder = tok.normalizer, tok.pre_tokenizer, tok.decoder
     new.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
     return new
+
+
+def _check_unknown_token(tok, where: str) -> None:
+    """A word-level (or WordPiece) model must hold its unknown token, or the first word
+    outside its vocabulary fails deep inside the encoder."""
+    model = json.loads(tok.to_str())["model"]
+    unk = model.get("unk_token")
+    if model.get("type") in ("WordLevel", "WordPiece") and (unk is None or tok.token_to_id(unk) is None):
+        raise UserError(f"{where}: the tokenizer's unknown token {unk!r} is not in its vocabulary, so words outside "
+                        f"it cannot be encoded; add it (e.g. <unk>) to the vocabulary")
 
 
 def _special_ids(tok, where: str) -> dict[str, int]:
@@ -341,9 +368,20 @@ def _has_text(enc, ids: dict) -> bool:
     return pc.any(pc.invert(pc.is_in(flat, value_set=pa.array([ids["<bos>"], ids["<eos>"]], flat.type)))).as_py() or False
 
 
+def _first_ids(ds: TokenDataset) -> np.ndarray:
+    """Each row's first id, vectorised per record batch."""
+    bounds = np.concatenate([[0], ds._chunk_ends])
+    return np.concatenate([v[ds._starts[a:b]] for v, a, b in zip(ds._values, bounds[:-1], bounds[1:])] or [np.zeros(0)])
+
+
 def _split_stats(ds: TokenDataset, unk_id: int | None, overflow: str, over: int) -> dict:
     lengths = ds.lengths
-    n_unk = sum(int(np.count_nonzero(v == unk_id)) for v in ds._values) if unk_id is not None else 0
+    n_unk = 0
+    if unk_id is not None and len(lengths):
+        # unknowns among the predicted ids: a row's first id is input only (<bos>, or under
+        # overflow=split the previous window's last id, already counted there)
+        firsts = _first_ids(ds)
+        n_unk = int(sum(np.count_nonzero(v == unk_id) for v in ds._values) - np.count_nonzero(firsts == unk_id))
     tokens = ds.num_tokens
     edges = [0, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 62]
     counts = np.histogram(lengths, bins=edges)[0] if len(lengths) else np.zeros(len(edges) - 1)
@@ -398,32 +436,38 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
             for f in src.files
         ]
     if cfg.tokenizer.path is not None and cfg.tokenizer.path.is_file():
-        sources.append({"tokenizer": str(cfg.tokenizer.path), "sha256": hashlib.sha256(cfg.tokenizer.path.read_bytes()).hexdigest()})
+        try:
+            digest = hashlib.sha256(cfg.tokenizer.path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise UserError(f"data.tokenizer.path: cannot read {cfg.tokenizer.path} ({e.strerror})") from None
+        sources.append({"tokenizer": str(cfg.tokenizer.path), "sha256": digest})
     fp = _fingerprint(cfg, sources)
 
+    _recover_interrupted_swap(out)
     if out.exists():
-        old = out / MANIFEST
-        if not old.is_file():
-            if not out.is_dir() or any(out.iterdir()):
-                raise UserError(f"data.output={out} exists and is not a prepared dataset; refusing to overwrite it")
-        elif not force:
-            try:
-                manifest = json.loads(old.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                manifest = {}
-            if manifest.get("fingerprint") == fp:
-                say(f"cache hit: {out} is up to date (fingerprint {fp}); use --force to rebuild")
-                return manifest
+        cached = _check_existing(cfg, out, fp, force, say)
+        if cached is not None:
+            return cached
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out)
-    tmp.mkdir()
+    made = _make_parents(out)
     try:
+        _remove_stale_builds(out)
+        tmp.mkdir()
         manifest = _build(cfg, local, tmp, sources, fp, say, quiet)
         manifest["elapsed_s"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_in(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # a failed first build leaves no empty folders behind (innermost first)
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"data.output={out}: no space left on device; nothing was written") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
@@ -485,12 +529,148 @@ def _build(cfg: DataConfig, local: dict | None, tmp: Path, sources: list[dict], 
     }
 
 
+# what pipeline.prepare writes into data.output; a rebuild removes these and nothing else
+OWN_ENTRIES = frozenset({*SPLITS, "tokenizer.json", MANIFEST})
+
+
+def _check_existing(cfg: DataConfig, out: Path, fp: str, force: bool, say) -> dict | None:
+    """Decide what to do with an existing ``data.output``: the manifest on a verified cache
+    hit, ``None`` to (re)build, or a :class:`UserError` when a rebuild would destroy
+    something that is not this recipe's prepared data."""
+    if not out.is_dir():
+        raise UserError(f"data.output={out} exists and is not a prepared dataset; refusing to overwrite it")
+    try:
+        entries = {p.name for p in out.iterdir()}
+    except OSError as e:
+        raise UserError(f"data.output={out}: cannot read ({e.strerror})") from None
+    if MANIFEST not in entries:
+        if entries:
+            raise UserError(f"data.output={out} exists and is not a prepared dataset; refusing to overwrite it")
+        return None
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        manifest = manifest if isinstance(manifest, dict) else {}
+    except (OSError, ValueError):
+        manifest = {}  # unreadable: damaged, rebuilt below
+    if manifest.get("fingerprint") == fp and not force:
+        problem = _verify(out, manifest)
+        if problem is None:
+            say(f"cache hit: {out} is up to date (fingerprint {fp}); use --force to rebuild")
+            return manifest
+        say(f"{out}: the prepared data is damaged ({problem}); rebuilding it")
+    foreign = sorted(entries - OWN_ENTRIES)
+    if foreign:
+        raise UserError(f"data.output={out} also holds files pipeline.prepare did not write ({', '.join(foreign)}); "
+                        "a rebuild would delete them: move them out, or choose another data.output")
+    if not force and manifest.get("data") is not None:
+        other = _other_data(manifest["data"], to_dict(cfg))
+        if other:
+            raise UserError(f"data.output={out} holds data prepared {other}; choose another data.output, or replace it "
+                            "with python -m pipeline.prepare RECIPE --force")
+    return None
+
+
+def _other_data(old: dict, new: dict) -> str | None:
+    """How the data in a folder differs from what this data section prepares (``None``: the
+    same source and settings, e.g. only the files' content changed — a plain rebuild)."""
+    def what(src: dict) -> str:
+        if src.get("hub"):
+            return f"hub {src['hub']}" + (f" ({src['name']})" if src.get("name") else "")
+        if src.get("dir"):
+            return str(src["dir"])
+        files = src.get("files") or {}
+        return "files " + ", ".join(str(f) for split in SPLITS for f in files.get(split) or [])
+
+    if old.get("source") != new.get("source"):
+        return f"from {what(old.get('source') or {})}, but this recipe's source is {what(new['source'])}"
+    skip = {"source", "output", "num_proc", "batch_size"}  # where and how fast: not what
+    a, b = _flat({k: v for k, v in old.items() if k not in skip}), _flat({k: v for k, v in new.items() if k not in skip})
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if keys:
+        k = keys[0]
+        return f"with another data section (data.{k}={json.dumps(a.get(k))}, this recipe: {json.dumps(b.get(k))})"
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _verify(out: Path, manifest: dict) -> str | None:
+    """What is wrong with a prepared folder the manifest vouches for (``None``: nothing).
+
+    A cache hit trusts the folder, so check what the trainer will read: the tokenizer file
+    parses, and every split maps with exactly the manifest's sequences and tokens."""
+    try:
+        json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+        splits = manifest["splits"]
+        for split, stats in splits.items():
+            ds = TokenDataset(out, split)
+            if (len(ds), ds.num_tokens) != (stats["sequences"], stats["tokens"]):
+                return (f"{split} holds {len(ds):,} sequences / {ds.num_tokens:,} tokens, "
+                        f"the manifest says {stats['sequences']:,} / {stats['tokens']:,}")
+    except UserError as e:
+        return str(e).split("; rebuild")[0]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create ``out``'s parent folders; returns those that were made, innermost first."""
+    made, p = [], out.parent
+    while not p.exists() and p != p.parent:
+        made.append(p)
+        p = p.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"data.output={out}: {p} is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"data.output={out}: cannot write there ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UserError(f"data.output={out}: cannot write there (Permission denied)")
+    return made
+
+
 def _remove_stale_builds(out: Path) -> None:
     """Remove temporary folders that killed builds of ``out`` left behind (their process is gone)."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _recover_interrupted_swap(out: Path) -> None:
+    """A build killed between the two renames of :func:`_swap_in` left ``.NAME.old-PID``:
+    put it back when ``out`` is missing (the previous good data), else remove it."""
+    if not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)) or not old.is_dir():
+            continue
+        if not out.exists() and (old / MANIFEST).is_file():
+            old.rename(out)
+        else:
+            _remove_own(old)
+
+
+def _remove_own(folder: Path) -> None:
+    """Delete what prepare writes in ``folder`` (and the folder, if that leaves it empty)."""
+    for name in (*OWN_ENTRIES, ".cache"):
+        p = folder / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else is in it: never ours to delete
 
 
 def _alive(pid: int) -> bool:
@@ -514,7 +694,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
         if old.exists():
             old.rename(out)  # put the previous good output back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        _remove_own(old)
 
 
 def summary_table(manifest: dict) -> str:

@@ -141,6 +141,19 @@ CASES = [
          r"latin1/train\.txt:42: invalid UTF-8 \(byte 0xe9 at column 8\); fix the file or set data\.errors=replace$"),
     Case("max-len-1", "prepare", lambda w: [_ok(w), "data.max_len=1", *_data_to(w)],
          r"^data\.max_len=1: a sequence needs at least 2 ids"),
+    Case("unknown-flag", "prepare", lambda w: [_ok(w), "--bogus"],
+         r"^unrecognized arguments: --bogus \(see python -m pipeline\.prepare --help\)$"),
+    Case("nan", "prepare", lambda w: [_ok(w), "data.holdout=nan", *_data_to(w)], r"^data\.holdout=nan: must be a finite number$"),
+    Case("absurd-vocab-size", "prepare", lambda w: [_ok(w), "data.tokenizer.vocab_size=1000000000000", *_data_to(w)],
+         r"^data\.tokenizer\.vocab_size=1000000000000: must be <= 16777216$", subprocess=True),
+    Case("output-below-a-file", "prepare", lambda w: [_ok(w), f"data.output={w.root / 'run.yaml' / 'out'}"],
+         r"^data\.output=.*run\.yaml/out: .*run\.yaml is a file, not a folder$"),
+    Case("output-of-another-source", "prepare", lambda w: [_ok(w), f"data.source.dir={w.other_corpus}"],
+         r"^data\.output=.*/prepared holds data prepared from .*/corpus, but this recipe's source is .*/other_corpus; "
+         r"choose another data\.output, or replace it with python -m pipeline\.prepare RECIPE --force$"),
+    Case("same-file-twice", "prepare",
+         lambda w: [_ok(w), f"data.source.files.train=[{w.corpus / 'train.txt'}, {w.corpus / 'train.txt'}]", *_data_to(w)],
+         r"corpus/train\.txt is listed twice in data\.source\.files\.train; list each file once$"),
     # ---------------------------------------------------------------- lm.train
     Case("missing-recipe", "train", lambda w: [R("nope.yaml")(w)], r"recipe not found: .*nope\.yaml$"),
     Case("yaml-syntax", "train", lambda w: [R("bad_yaml.yaml")(w)], r"bad_yaml\.yaml:5:6: YAML syntax error: "),
@@ -159,12 +172,24 @@ CASES = [
          r"step-00000003\.pt was trained with another tokenizer/vocabulary than the prepared data in .*other_prepared; "
          r"resume with the same data, or start a new train\.output_dir$", after_prepare=True),
     Case("other-model-shape", "train", lambda w: [_ok(w), "train.resume=auto", "model.hidden_size=12"],
-         r"step-00000003\.pt does not fit this recipe's model/data: size mismatch for rnn\.weight_ih_l0: copying a param "
-         r"with shape torch\.Size\(\[48, 16\]\) from checkpoint, the shape in current model is torch\.Size\(\[36, 16\]\)\.$",
+         r"^model\.hidden_size=12 differs from the checkpoint's model\.hidden_size=16, and a resume cannot change it; "
+         r"keep the old value, or start a new run in another train\.output_dir$",
          after_prepare=True),
     Case("corrupt-checkpoint", "train", lambda w: [_ok(w), f"train.resume={w.root / 'truncated.pt'}", *_fresh(w)[1:]],
          r"truncated\.pt is corrupt or truncated \(checksum mismatch\)$", after_prepare=True),
     Case("max-len-1", "train", lambda w: [_ok(w), "data.max_len=1", *_fresh(w)], r"^data\.max_len=1: a sequence needs at least 2 ids"),
+    Case("lr-nan", "train", lambda w: [_ok(w), "train.lr=nan", *_fresh(w)], r"^train\.lr=nan: must be a finite number$",
+         subprocess=True),
+    Case("min-lr-negative", "train", lambda w: [_ok(w), "train.min_lr=-1", *_fresh(w)], r"^train\.min_lr=-1\.0: must be >= 0$"),
+    Case("max-time-nan", "train", lambda w: [_ok(w), "train.max_time=nan", *_fresh(w)],
+         r"^train\.max_time=nan: must be a finite number$"),
+    Case("clip-nan", "train", lambda w: [_ok(w), "train.clip=nan", *_fresh(w)], r"^train\.clip=nan: must be a finite number$"),
+    Case("warmup-negative", "train", lambda w: [_ok(w), "train.warmup_steps=-5", *_fresh(w)],
+         r"^train\.warmup_steps=-5: must be >= 0$"),
+    Case("prompts-yaml-syntax", "train", lambda w: [_ok(w), "train.prompts=[a, b", *_fresh(w)],
+         r"^train\.prompts=\[a, b: YAML syntax error: expected ',' or '\]', but got '<stream end>'$", subprocess=True),
+    Case("data-of-another-source", "train", lambda w: [_ok(w), f"data.source.dir={w.other_corpus}", *_fresh(w)[1:]],
+         r"^data\.output=.*/prepared holds data prepared from .*/corpus, but this recipe's source is .*/other_corpus; "),
     Case("max-tokens-3", "train", lambda w: [_ok(w), "train.max_tokens=3", *_fresh(w)[1:]],
          r"^train\.max_tokens=3 is smaller than the longest train sequence \(14 ids\); raise it, or cap sequences with data\.max_len$",
          after_prepare=True, subprocess=True),
@@ -180,7 +205,7 @@ CASES = [
     Case("max-new-tokens-0", "generate", lambda w: [str(w.run / "checkpoints" / "best.pt"), "--prompt", "the", "--max-new-tokens", "0"],
          r"^--max-new-tokens=0: must be >= 1$"),
     Case("no-gpu", "generate", lambda w: [str(w.run / "checkpoints" / "best.pt"), "--prompt", "the", "--device", "cuda"],
-         r"^--device=cuda but no CUDA GPU is available$", subprocess=True),
+         r"^--device=cuda but no CUDA GPU is available \(use --device=auto or cpu\)$", subprocess=True),
 ]
 MAINS = {"prepare": pipeline.prepare.main, "train": lm.train.main, "generate": lm.generate.main}
 MODULES = {"prepare": "pipeline.prepare", "train": "lm.train", "generate": "lm.generate"}
@@ -188,9 +213,10 @@ NEW_FOLDERS = ("new_prepared", "new_run")
 
 
 def snapshot(root: Path) -> dict:
-    """Every path under ``root``; files with their size and mtime."""
+    """Every path under ``root``; files with their size and mtime. A run folder's ``.lock`` is
+    left out: its holder line (pid, host) is process bookkeeping that every start rewrites."""
     return {str(p.relative_to(root)): ((s := p.stat()).st_size, s.st_mtime_ns) if p.is_file() else None
-            for p in sorted(root.rglob("*"))}
+            for p in sorted(root.rglob("*")) if p.name != ".lock"}
 
 
 def check(case: Case, rc: int, err: str) -> None:

@@ -1,11 +1,16 @@
 """Checkpoints: atomic checksummed round trip, truncation and bit flips detected,
-``load_latest`` falls back past a bad file, ``prune`` keeps the newest, and loading
-never runs code from a pickle."""
+``load_latest`` falls back past a bad file, ``prune`` keeps the newest, loading
+never runs code from a pickle, a kill at every step of a save leaves a loadable pair,
+and a full disk is one line with nothing left behind."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +176,129 @@ def test_a_pickled_custom_object_is_refused(tmp_path):
     checkpoint.save({"model": {}, "recipe": _Custom()}, path)
     with pytest.raises(UserError, match="is not a readable checkpoint"):
         checkpoint.load(path)
+
+
+# --------------------------------------------------------------------------- atomicity and resource faults
+
+
+class _Killed(BaseException):
+    """A kill: not an Exception, so no cleanup in ``save`` runs (as with SIGKILL)."""
+
+
+def _kill_at(monkeypatch, n: int) -> list[str]:
+    """Make the ``n``-th file-system step of a save raise ``_Killed``; returns the step log."""
+    log: list[str] = []
+
+    def step(name, fn):
+        def wrapped(*args, **kwargs):
+            if len(log) == n:
+                raise _Killed(name)
+            log.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(checkpoint.torch, "save", step("torch.save", torch.save))
+    monkeypatch.setattr(checkpoint.os, "fsync", step("fsync", os.fsync))
+    monkeypatch.setattr(checkpoint.os, "replace", step("replace", os.replace))
+    return log
+
+
+def test_a_kill_at_every_step_of_a_save_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    checkpoint.save(ckpt(1), path)
+    n, outcomes = 0, []
+    while True:
+        with monkeypatch.context() as m:
+            log = _kill_at(m, n)
+            try:
+                checkpoint.save(ckpt(2), path)
+                finished = True
+            except _Killed:
+                finished = False
+        loaded = checkpoint.load(path)  # never "corrupt": the pair always verifies
+        step = loaded["progress"]["step"]
+        assert step in (1, 2)
+        outcomes.append(step)
+        if finished:
+            break
+        checkpoint.save(ckpt(1), path)  # back to the old pair for the next kill point
+        n += 1
+    # the sequence: torch.save, fsync(file), then 3 fsyncs + 2 renames for the pair, then the last sidecar
+    assert log == ["torch.save", "fsync", "fsync", "replace", "fsync", "replace", "fsync", "fsync", "replace", "fsync"]
+    assert outcomes == [1] * 6 + [2] * 5  # the switch happens at the checkpoint's own rename
+    assert path.with_name("best.pt.sha256").read_text() == hashlib.sha256(path.read_bytes()).hexdigest() + "\n"
+
+
+def test_a_kill_mid_save_without_an_earlier_checkpoint_leaves_none_or_the_new_one(tmp_path, monkeypatch):
+    path = tmp_path / "step-00000001.pt"
+    for n in range(10):
+        with monkeypatch.context() as m:
+            _kill_at(m, n)
+            with pytest.raises(_Killed):
+                checkpoint.save(ckpt(1), path)
+        if path.exists():
+            assert checkpoint.load(path)["progress"]["step"] == 1
+        else:
+            assert checkpoint.load_latest(tmp_path) is None
+        path.unlink(missing_ok=True)
+
+
+def test_leftover_temporaries_of_killed_processes_are_removed_by_the_next_save(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".best.pt.tmp-{dead.pid}", tmp_path / f".step-00000004.pt.sha256.tmp-{dead.pid}"]
+    live = tmp_path / f".best.pt.tmp-{os.getppid()}"  # a process still running: maybe saving right now
+    for p in (*stale, live):
+        p.write_bytes(b"partial")
+    checkpoint.save(ckpt(5), checkpoint.step_path(tmp_path, 5))
+    assert not any(p.exists() for p in stale) and live.exists()
+
+
+def test_disk_full_is_one_line_naming_the_path_and_keeps_earlier_checkpoints(tmp_path):
+    """A real ENOSPC from the kernel: the temporary file is a link to /dev/full."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    earlier = checkpoint.step_path(tmp_path, 1)
+    checkpoint.save(ckpt(1), earlier)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    path = checkpoint.step_path(tmp_path, 2)
+    for _ in range(2):  # every retry: one line, nothing left behind
+        tmp = tmp_path / f".{path.name}.tmp-{os.getpid()}"
+        tmp.symlink_to("/dev/full")
+        with pytest.raises(UserError) as e:
+            checkpoint.save(ckpt(2), path)
+        assert str(e.value) == f"cannot write checkpoint {path}: no space left on device"
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert checkpoint.load(earlier)["progress"]["step"] == 1
+
+
+@pytest.mark.parametrize("at", ["torch.save", "replace"])
+def test_disk_full_at_any_step_removes_the_temporaries_and_keeps_a_valid_pair(tmp_path, monkeypatch, at):
+    path = tmp_path / "best.pt"
+    checkpoint.save(ckpt(1), path)
+
+    def full(*args, **kwargs):
+        if at == "torch.save":
+            args[1].write(b"some bytes")  # part of it made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch if at == "torch.save" else checkpoint.os, at.split(".")[-1], full)
+    with pytest.raises(UserError, match=r"^cannot write checkpoint .*best\.pt: no space left on device$"):
+        checkpoint.save(ckpt(2), path)
+    monkeypatch.setattr(checkpoint.os, "replace", os.replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.pt.sha256"]
+    assert checkpoint.load(path)["progress"]["step"] == 1
+
+
+def test_an_unwritable_folder_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"^cannot write checkpoint .*file/best\.pt: "):
+        checkpoint.save(ckpt(1), tmp_path / "file" / "best.pt")
+
+
+def test_prune_orders_by_step_number_not_by_name(tmp_path):
+    # step numbers past the zero padding: a name sort would call step-100000000 the oldest
+    for step in (99_999_999, 100_000_000, 7):
+        checkpoint.save(ckpt(1), checkpoint.step_path(tmp_path, step))
+    checkpoint.prune(tmp_path, 1)
+    assert [p.name for p in checkpoint.step_checkpoints(tmp_path)] == ["step-100000000.pt"]

@@ -294,7 +294,13 @@ def test_config_keys_reach_the_model_and_are_validated():
         ModelConfig(num_layers=1, locked_dropout_rnn=True)
     with pytest.raises(ValueError, match="dropout_rnn=0.0"):
         ModelConfig(dropout_rnn=0.0, locked_dropout_rnn=True)
-    with pytest.raises(ValueError, match=r"weight_drop=1.0: must be in \[0, 1\)"):
-        ModelConfig(weight_drop=1.0)
-    with pytest.raises(ValueError, match="ar=-1"):
-        ModelConfig(ar=-1)
+    from pathlib import Path
+
+    from lm.config import Recipe
+    from pipeline.config import from_dict
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=r"^model.weight_drop=1.0: must be < 1$"):  # ranges: checked generically
+        from_dict(Recipe, {"model": {"weight_drop": 1.0}}, "", Path("."))
+    with pytest.raises(UserError, match=r"^model.ar=-1.0: must be >= 0$"):
+        from_dict(Recipe, {"model": {"ar": -1.0}}, "", Path("."))

@@ -1,11 +1,20 @@
 """Recipes: dotted overrides parsed to field types, strict keys and types with exact
-messages, path resolution, source precedence, and every recipe in recipes/ loads."""
+messages, path resolution, source precedence, every recipe in recipes/ loads, and every
+numeric key of every section refuses NaN, ±inf, negatives and huge values (property test)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import math
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import DataConfig, load_data_config, load_recipe
 from pipeline.errors import UserError
@@ -138,7 +147,7 @@ def test_wrong_recipe_type_names_key_value_and_type(tmp_path, data, message):
         ("data.max_len=1", "data.max_len=1: a sequence needs at least 2 ids (<bos> and one predicted token)"),
         ("data.holdout=1.0", "data.holdout=1.0: must be between 0 and 1"),
         ("data.holdout=0", "data.holdout=0.0: must be between 0 and 1"),
-        ("data.num_proc=0", "data.num_proc=0, batch_size=1000: both must be >= 1"),
+        ("data.num_proc=0", "data.num_proc=0: must be >= 1"),
         ("data.tokenizer.vocab_size=4", "data.tokenizer.vocab_size=4: too small (at least 8)"),
         ("data.tokenizer.min_frequency=0", "data.tokenizer.min_frequency=0: must be >= 1"),
         ("data.source.dir=", "data.source.hub|dir|files.train: set exactly one of them (got: none)"),
@@ -271,3 +280,121 @@ def test_every_recipe_data_section_loads(path):
     cfg = load_data_config(path)
     assert cfg.output.is_absolute()
     assert (cfg.source.hub is not None) + (cfg.source.dir is not None) + bool(cfg.source.files.train) == 1
+
+
+# --------------------------------------------------------------------------- numbers: finite and in range, generically
+
+
+def numeric_keys(cls: type, prefix: str) -> list[tuple[str, type, bool]]:
+    """Every numeric key of a section, nested ones included: (dotted key, int|float, is a list)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += numeric_keys(tp, key)
+            continue
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        for a in args:
+            is_list = typing.get_origin(a) is list
+            base = typing.get_args(a)[0] if is_list else a
+            if base in (int, float):
+                out.append((key, base, is_list))
+    return out
+
+
+def _all_keys():
+    from lm.config import ModelConfig, TrainConfig
+
+    return (numeric_keys(DataConfig, "data") + numeric_keys(ModelConfig, "model") + numeric_keys(TrainConfig, "train"))
+
+
+NUMERIC_KEYS = _all_keys()
+BAD = {
+    float: st.one_of(st.sampled_from(["nan", "inf", "-inf", "NaN", "-1", "1e300", "-0.5"]),
+                     st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False).map(repr),
+                     st.floats(min_value=1e13, allow_nan=False, allow_infinity=False).map(repr)),
+    int: st.one_of(st.sampled_from(["nan", "inf", "-inf", "-1", str(2**32), str(10**30)]),
+                   st.integers(max_value=-1).map(str), st.integers(min_value=2**32).map(str)),
+}
+
+
+def test_every_section_has_numeric_keys_to_check():
+    keys = {k for k, _, _ in NUMERIC_KEYS}
+    assert {"data.holdout", "data.tokenizer.vocab_size", "model.hidden_size", "model.adaptive_cutoffs", "train.lr",
+            "train.max_time", "train.teacher_forcing.k"} <= keys
+    assert len(keys) >= 37  # every int and float key of the three sections (37 when written)
+
+
+@pytest.fixture(scope="module")
+def full_recipe(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("numbers")
+    (folder / "src").mkdir()
+    (folder / "src" / "train.txt").write_text("a b c\n")
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"data": {"source": {"dir": "src"}, "output": "out"},
+                                    "model": {}, "train": {"output_dir": "run"}}))
+    return path
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_numeric_key_refuses_nan_inf_negative_and_huge(full_recipe, data):
+    """The recipe loader of lm.train (all sections) and the prepare CLI (data section):
+    one error line naming the key, exit 2, nothing written."""
+    from lm.config import load as load_recipe_all
+    from pipeline.prepare import main as prepare_main
+
+    key, base, is_list = data.draw(st.sampled_from(NUMERIC_KEYS))
+    value = data.draw(BAD[base])
+    override = f"{key}={f'[{value}]' if is_list else value}"
+    with pytest.raises(UserError) as e:
+        load_recipe_all(full_recipe, [override])
+    assert str(e.value).startswith(f"{key}=") and "\n" not in str(e.value), (override, str(e.value))
+    if key.startswith("data."):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = prepare_main([str(full_recipe), override, "--quiet"])
+        assert rc == 2 and err.getvalue().startswith(f"error: {key}=") and err.getvalue().count("\n") == 1, err.getvalue()
+        assert not (full_recipe.parent / "out").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),
+    ("train.lr=0", "train.lr=0.0: must be > 0"),
+    ("train.min_lr=-1", "train.min_lr=-1.0: must be >= 0"),
+    ("train.min_lr=0.5", "train.min_lr=0.5: must be <= lr=0.002 (the floor of the learning rate)"),
+    ("train.max_time=nan", "train.max_time=nan: must be a finite number"),
+    ("train.max_time=0", "train.max_time=0.0: must be > 0"),
+    ("train.clip=nan", "train.clip=nan: must be a finite number"),
+    ("train.clip=inf", "train.clip=inf: must be a finite number"),
+    ("train.warmup_steps=-5", "train.warmup_steps=-5: must be >= 0"),
+    ("model.hidden_size=100000", "model.hidden_size=100000: must be <= 65536"),
+    ("model.dropout_out=1", "model.dropout_out=1.0: must be < 1"),
+    ("model.adaptive_cutoffs=[100, -3]", "model.adaptive_cutoffs=-3: must be >= 1"),
+    ("data.tokenizer.vocab_size=1000000000000", "data.tokenizer.vocab_size=1000000000000: must be <= 16777216"),
+    ("train.teacher_forcing.k=-inf", "train.teacher_forcing.k=-inf: must be a finite number"),
+    ("train.prompts=[a, b", "train.prompts=[a, b: YAML syntax error: expected ',' or ']', but got '<stream end>'"),
+])
+def test_number_and_list_messages(full_recipe, override, message):
+    from lm.config import load as load_recipe_all
+
+    assert error(load_recipe_all, full_recipe, [override]) == message
+
+
+def test_yaml_exponent_floats_are_floats_and_a_quoted_one_stays_a_string(tmp_path):
+    from lm.config import load as load_recipe_all
+
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {source: {dir: src}}\ntrain: {lr: 1e-3, min_lr: 5E-5, max_time: 1_2e2}\n")
+    cfg = load_recipe_all(path).train
+    assert (cfg.lr, cfg.min_lr, cfg.max_time) == (0.001, 5e-05, 1200.0)
+    path.write_text("data: {source: {dir: src}}\ntrain: {lr: '1e-3'}\n")
+    assert error(load_recipe_all, path) == "train.lr='1e-3': expected float"
+
+
+def test_defaults_pass_the_generic_checks(full_recipe):
+    from lm.config import load as load_recipe_all
+
+    r = load_recipe_all(full_recipe)
+    assert r.train.lr == 2e-3 and math.isfinite(r.train.clip)

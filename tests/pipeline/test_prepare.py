@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -530,8 +531,8 @@ def test_a_failed_manifest_write_leaves_nothing(tmp_path, data_cfg, monkeypatch)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
-    with pytest.raises(OSError):
-        prepare(data_cfg(), quiet=True)
+    assert user_error(prepare, data_cfg(), quiet=True) == (
+        f"data.output={tmp_path / 'out'}: no space left on device; nothing was written")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -611,13 +612,30 @@ def test_force_rebuilds(tmp_path, data_cfg, counted_builds):
     assert again["fingerprint"] == first["fingerprint"] and again["splits"] == first["splits"]
 
 
-def test_changing_the_data_section_rebuilds(tmp_path, data_cfg, counted_builds):
+def test_another_data_section_is_refused_unless_forced(tmp_path, data_cfg, counted_builds):
     write(tmp_path / "src", {"train.txt": "A b\nb\n", "valid.txt": "a\n"})
     first = prepare(data_cfg(), quiet=True)
-    second = prepare(data_cfg("data.tokenizer.lowercase=true"), quiet=True)
+    before = files_state(tmp_path / "out")
+    assert user_error(prepare, data_cfg("data.tokenizer.lowercase=true"), quiet=True) == (
+        f"data.output={tmp_path / 'out'} holds data prepared with another data section (data.tokenizer.lowercase=false, "
+        "this recipe: true); choose another data.output, or replace it with python -m pipeline.prepare RECIPE --force")
+    assert files_state(tmp_path / "out") == before and len(counted_builds) == 1
+    second = prepare(data_cfg("data.tokenizer.lowercase=true"), force=True, quiet=True)
     assert len(counted_builds) == 2 and second["fingerprint"] != first["fingerprint"]
     assert second["splits"]["validation"]["unk"] == 0 and first["splits"]["validation"]["unk"] == 1
-    assert prepare(data_cfg(), quiet=True)["fingerprint"] == first["fingerprint"] and len(counted_builds) == 3
+    assert prepare(data_cfg(), force=True, quiet=True)["fingerprint"] == first["fingerprint"] and len(counted_builds) == 3
+
+
+def test_data_from_another_source_is_refused_naming_both(tmp_path, data_cfg, counted_builds):
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    write(tmp_path / "mytext", {"train.txt": "c d\n", "valid.txt": "c\n"})
+    prepare(data_cfg(), quiet=True)
+    before = files_state(tmp_path / "out")
+    assert user_error(prepare, data_cfg("data.source.dir=mytext"), quiet=True) == (
+        f"data.output={tmp_path / 'out'} holds data prepared from {tmp_path / 'src'}, but this recipe's source is "
+        f"{tmp_path / 'mytext'}; choose another data.output, or replace it with python -m pipeline.prepare RECIPE --force")
+    assert files_state(tmp_path / "out") == before
+    assert prepare(data_cfg("data.source.dir=mytext"), force=True, quiet=True)["splits"]["train"]["tokens"] == 3
 
 
 def test_source_content_decides_the_cache(tmp_path, data_cfg, counted_builds):
@@ -785,3 +803,181 @@ def test_ptb_matches_the_published_counts(ptb, tmp_path):
     assert {s: v["sequences"] for s, v in m["splits"].items()} == {"train": 42_068, "validation": 3_370, "test": 3_761}
     # 10,000 classes incl. <eos> = 9,999 word types incl. <unk>; + <pad>, <bos> → 10,002 ids
     assert m["vocab_size"] == 10_002
+
+
+# --------------------------------------------------------------------------- what a rebuild may touch
+
+
+def test_a_rebuild_never_deletes_what_a_user_nested_in_the_output(tmp_path, data_cfg, counted_builds):
+    src = write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    prepare(data_cfg(), quiet=True)
+    write(tmp_path / "out" / "mycorpus", {"train.txt": "my text"})  # a corpus, or a training run's folder
+    (tmp_path / "out" / "notes.md").write_text("x")
+    before = files_state(tmp_path / "out")
+    assert prepare(data_cfg(), quiet=True)["splits"]["train"]["tokens"] == 3  # a cache hit touches nothing
+    for force in (False, True):
+        (src / "train.txt").write_text("a b c\n")  # a rebuild is due
+        assert user_error(prepare, data_cfg(), force=force, quiet=True) == (
+            f"data.output={tmp_path / 'out'} also holds files pipeline.prepare did not write (mycorpus, notes.md); "
+            "a rebuild would delete them: move them out, or choose another data.output")
+    assert files_state(tmp_path / "out") == before and len(counted_builds) == 1
+
+
+def test_a_swap_killed_between_its_renames_is_recovered(tmp_path, data_cfg, counted_builds):
+    """Killed after ``out → .out.old-PID`` (out missing) or after ``tmp → out`` (old left over)."""
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    first = prepare(data_cfg(), quiet=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = tmp_path / f".out.old-{dead.pid}"
+    (tmp_path / "out").rename(old)
+    assert prepare(data_cfg(), quiet=True) == first and len(counted_builds) == 1  # put back, then a cache hit
+    assert leftovers(tmp_path) == []
+    prepare(data_cfg(), quiet=True, force=True)
+    write(old, {"manifest.json": "{}", "tokenizer.json": "{}"})
+    write(old / "train", {"data-00000-of-00001.arrow": "x", "state.json": "{}"})
+    prepare(data_cfg(), quiet=True)
+    assert leftovers(tmp_path) == [] and len(counted_builds) == 2
+    # a leftover that holds something prepare never writes keeps that (and only that)
+    write(old, {"manifest.json": "{}", "mine.txt": "x"})
+    prepare(data_cfg(), quiet=True)
+    assert sorted(p.name for p in old.iterdir()) == ["mine.txt"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["arrow", "arrow-missing", "state", "tokenizer", "manifest-shape"])
+def test_a_cache_hit_verifies_what_it_trusts(tmp_path, data_cfg, counted_builds, capsys, damage):
+    write(tmp_path / "src", {"train.txt": "a b\nb c\n" * 50, "valid.txt": "a\n"})
+    first = prepare(data_cfg(), quiet=True)
+    out = tmp_path / "out"
+    arrow = next((out / "train").glob("*.arrow"))
+    if damage == "arrow":
+        _truncate(arrow)
+    elif damage == "arrow-missing":
+        arrow.unlink()
+    elif damage == "state":
+        (out / "train" / "state.json").write_text("{ not json")
+    elif damage == "tokenizer":
+        _truncate(out / "tokenizer.json")
+    else:  # valid JSON, same fingerprint, but no splits
+        (out / "manifest.json").write_text(json.dumps({"fingerprint": first["fingerprint"]}))
+    capsys.readouterr()
+    again = prepare(data_cfg())
+    assert len(counted_builds) == 2 and again["splits"] == first["splits"]
+    assert f"{out}: the prepared data is damaged (" in capsys.readouterr().err
+    assert len(TokenDataset(out, "train")) == 100
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("state", r"/out/train is damaged \(Expecting property name"),
+    ("arrow", r"/out/train is damaged \(.+\); rebuild it with python -m pipeline.prepare RECIPE --force$"),
+    ("arrow-missing", r"/out/train is damaged \(No such file or directory: data-00000-of-00001\.arrow\); rebuild it"),
+])
+def test_reading_damaged_prepared_data_is_one_line(tmp_path, data_cfg, damage, message):
+    write(tmp_path / "src", {"train.txt": "a b\nb c\n" * 50, "valid.txt": "a\n"})
+    prepare(data_cfg(), quiet=True)
+    arrow = next((tmp_path / "out" / "train").glob("*.arrow"))
+    if damage == "state":
+        (tmp_path / "out" / "train" / "state.json").write_text("{ not json")
+    elif damage == "arrow":
+        arrow.write_bytes(arrow.read_bytes()[:40])
+    else:
+        arrow.unlink()
+    err = user_error(TokenDataset, tmp_path / "out", "train")
+    assert re.search(message, err) and "\n" not in err, err
+
+
+def test_a_manifest_that_is_not_one_is_one_line(tmp_path):
+    from pipeline.data import read_manifest
+
+    write(tmp_path / "p", {"manifest.json": "[1, 2]"})
+    assert user_error(read_manifest, tmp_path / "p") == (
+        f"{tmp_path / 'p' / 'manifest.json'} is corrupt: not a pipeline.prepare manifest; rebuild it with "
+        "python -m pipeline.prepare RECIPE --force")
+
+
+def test_a_failed_hub_load_leaves_no_folders(tmp_path, monkeypatch):
+    from pipeline.config import load_data_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_data_config(REPO_ROOT / "recipes" / "wikitext.yaml", [f"data.output={tmp_path / 'a' / 'b' / 'out'}"])
+    assert user_error(prepare, cfg, quiet=True).startswith("HF_HUB_OFFLINE is set")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("files, where", [
+    ({"train": ["a.txt", "link.txt"]}, "twice in data.source.files.train"),  # a link to it is the same file
+    ({"train": ["a.txt"], "test": ["b.txt", "a.txt"]}, "in data.source.files.train and data.source.files.test"),
+])
+def test_the_same_file_listed_twice_is_an_error(tmp_path, data_cfg, files, where):
+    write(tmp_path, {"a.txt": "a b\n", "b.txt": "b\n"})
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
+    message = user_error(prepare, data_cfg(source={"files": files}), quiet=True)
+    dup = files.get("test", files["train"])[-1]
+    assert message == f"{tmp_path / dup} is listed {where}; list each file once"
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_windows_count_each_unknown_once(tmp_path, data_cfg):
+    """Unknown words at a window boundary are the last id of one window and the first
+    (input-only) id of the next: the manifest counts them once, like the unsplit rows."""
+    write(tmp_path / "src", {"train.txt": "a b c d\n", "valid.txt": "a x b y z c w d q\n"})
+    whole = prepare(data_cfg(), quiet=True)["splits"]["validation"]
+    split = prepare(data_cfg("data.max_len=3", "data.output=split"), quiet=True)["splits"]["validation"]
+    assert whole["unk"] == 5 and whole["tokens"] == 10
+    assert (split["unk"], split["tokens"], split["split"]) == (5, 10, 1)
+    ids = rows(tmp_path / "split", "validation")
+    assert [r[0] for r in ids[1:]].count(UNK) >= 2  # the case is exercised: windows start at unknowns
+
+
+def test_a_loaded_tokenizer_without_its_unknown_token(tmp_path, data_cfg):
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "<bos>": 1, "<eos>": 2, "a": 3, "b": 4}, unk_token="<unk>"))
+    tok.save(str(tmp_path / "tok.json"))
+    assert user_error(prepare, data_cfg("data.tokenizer.path=tok.json"), quiet=True) == (
+        f"{tmp_path / 'tok.json'}: the tokenizer's unknown token '<unk>' is not in its vocabulary, so words outside "
+        "it cannot be encoded; add it (e.g. <unk>) to the vocabulary")
+
+
+def test_output_below_a_file_or_in_a_read_only_folder(tmp_path, data_cfg, monkeypatch):
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    (tmp_path / "file").write_text("x")
+    assert user_error(prepare, data_cfg("data.output=file/out"), quiet=True) == (
+        f"data.output={tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, not a folder")
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(prep.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
+    assert user_error(prepare, data_cfg("data.output=ro/out"), quiet=True) == (
+        f"data.output={tmp_path / 'ro' / 'out'}: cannot write there (Permission denied)")
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_an_unreadable_source_is_one_line(tmp_path, data_cfg, monkeypatch):
+    src = write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    real = open
+
+    def deny(path, *args, **kwargs):
+        if Path(path) == src / "train.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(prep, "open", deny, raising=False)
+    assert user_error(prepare, data_cfg(), quiet=True) == f"{src / 'train.txt'}: cannot read (Permission denied)"
+
+
+def test_an_unreadable_tokenizer_file_is_one_line(tmp_path, data_cfg, monkeypatch):
+    write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
+    (tmp_path / "tok.json").write_text("{}")
+    real = Path.read_bytes
+
+    def deny(self):
+        if self.name == "tok.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    assert user_error(prepare, data_cfg("data.tokenizer.path=tok.json"), quiet=True) == (
+        f"data.tokenizer.path: cannot read {tmp_path / 'tok.json'} (Permission denied)")

@@ -48,6 +48,7 @@ class ModelConfig:
         ar: activation regularisation weight on the dropped top-layer outputs (AWD-LSTM: 2).
         tar: temporal activation regularisation weight on successive raw outputs (AWD-LSTM: 1).
         tie_weights: share the embedding matrix with the output layer (needs embed_dim == hidden_size).
+        init_range: every parameter uniform in [-init_range, init_range] (Zaremba et al.: 0.1); null = torch's RNN init, 0.1 for embedding and output.
         adaptive_cutoffs: ids where the adaptive softmax's clusters start, e.g. [2000, 10000]; null = full softmax.
     """
 
@@ -65,6 +66,7 @@ class ModelConfig:
     ar: float = field(default=0.0, metadata=num(le=1e6))
     tar: float = field(default=0.0, metadata=num(le=1e6))
     tie_weights: bool = False
+    init_range: float | None = field(default=None, metadata=num(gt=0, le=10))
     adaptive_cutoffs: list[int] | None = field(default=None, metadata=num(ge=1, le=1 << 24))
 
     def __post_init__(self) -> None:
@@ -141,7 +143,9 @@ class TrainConfig:
     or a fixed ``batch_size`` of sequences.
     Optimisers: ``sgd`` (lr annealed by ``plateau_factor`` whenever validation does not
     improve, as in pytorch/examples) or ``adamw`` (linear ``warmup_steps``, then
-    ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``).
+    ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``);
+    ``epoch_decay`` keeps ``lr`` for ``decay_start`` epochs, then multiplies it by
+    ``decay_factor`` every epoch (Zaremba et al. 2014).
     Stopping: the first of ``epochs``, ``max_steps``, ``max_time`` (seconds) reached.
     Averaged weights (NT-ASGD, Merity et al. 2017): ``average: nonmono`` starts a running
     mean of the weights once validation is worse than the best from before the last
@@ -165,6 +169,8 @@ class TrainConfig:
         warmup_steps: steps of linear warmup up to lr (0 = none).
         schedule: the learning rate after warmup: cosine (down to min_lr at the end of the budget), plateau or constant.
         plateau_factor: the plateau schedule multiplies lr by this when validation does not improve.
+        decay_start: epoch_decay: epochs trained at the full rate (Zaremba et al.: 4).
+        decay_factor: epoch_decay: lr is multiplied by this at every later epoch (Zaremba et al.: 0.5).
         clip: the gradient-norm clipping threshold; 0 = no clipping.
         epochs: stop after this many epochs (null = no epoch limit).
         max_steps: stop after this many optimizer steps (null = no step limit).
@@ -199,7 +205,7 @@ class TrainConfig:
     min_lr: float = field(default=0.0, metadata=num(le=1e3))
     weight_decay: float = field(default=0.0, metadata=num(le=100))
     warmup_steps: int = 0
-    schedule: Literal["cosine", "plateau", "constant"] = "plateau"
+    schedule: Literal["cosine", "plateau", "constant", "epoch_decay"] = "plateau"
     plateau_factor: float = field(default=0.25, metadata=num(gt=0, le=1))
     clip: float = field(default=0.25, metadata=num(le=1e9))  # 0: no clipping
     epochs: int | None = field(default=10, metadata=num(ge=1, le=10**6))
@@ -210,6 +216,8 @@ class TrainConfig:
     progress_every: float = field(default=30.0, metadata=num(gt=0, le=1e9))  # seconds
     checkpoint_every: int | None = field(default=None, metadata=num(ge=1))
     keep_checkpoints: int = field(default=2, metadata=num(ge=1, le=10**6))
+    decay_start: int = field(default=4, metadata=num(ge=1, le=10**6))
+    decay_factor: float = field(default=0.5, metadata=num(gt=0, le=1))
     resume: str | None = None
     average: Literal["off", "nonmono", "always"] = "off"
     nonmono: int = field(default=5, metadata=num(ge=1, le=10**6))

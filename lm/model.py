@@ -509,7 +509,7 @@ def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
         UserError: a combination the model refuses.
     """
     try:
-        return RNNLM(
+        model = RNNLM(
             vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
             dropout_emb=m.dropout_emb, dropout_rnn=m.dropout_rnn if m.num_layers > 1 else 0.0,
             dropout_out=m.dropout_out, locked_dropout=m.locked_dropout, locked_dropout_rnn=m.locked_dropout_rnn,
@@ -518,3 +518,9 @@ def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
         )
     except ValueError as e:
         raise UserError(f"model: {e}") from None
+    if m.init_range is not None:  # Zaremba et al.: every weight and bias uniform in [-r, r]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-m.init_range, m.init_range)
+            model.embed.weight[0].zero_()  # the padding row stays zero
+    return model

@@ -29,6 +29,8 @@ class LRSchedule:
     ``plateau``: the base rate is multiplied by ``plateau_factor`` after each validation
     that does not improve on the best so far (pytorch/examples anneals SGD this way).
     ``cosine``: from the base rate down to ``min_lr`` at the end of the run's budget.
+    ``epoch_decay``: the base rate for ``decay_start`` epochs, then times ``decay_factor``
+    per epoch (Zaremba et al. 2014: 4 epochs at lr, then halved every epoch).
     The trainer passes the fraction of the budget spent — the first of ``epochs``,
     ``max_steps`` and ``max_time`` to run out decides — so a time-budgeted run ends its
     decay exactly at the stop. The fraction at which warmup ended is remembered (and
@@ -44,8 +46,9 @@ class LRSchedule:
         self.best = math.inf
         self.warm_end: float | None = None  # budget fraction when warmup ended
 
-    def __call__(self, step: int, fraction: float) -> float:
-        """The rate for step ``step`` (0-based) with ``fraction`` of the budget spent."""
+    def __call__(self, step: int, fraction: float, epoch: int = 0) -> float:
+        """The rate for step ``step`` (0-based) with ``fraction`` of the budget spent, in
+        epoch ``epoch`` (0-based)."""
         cfg = self.cfg
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return self.base * (step + 1) / cfg.warmup_steps
@@ -54,6 +57,8 @@ class LRSchedule:
                 self.warm_end = min(fraction, 1.0 - 1e-9)
             progress = min(1.0, max(0.0, (fraction - self.warm_end) / (1.0 - self.warm_end)))
             return cfg.min_lr + (self.base - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.schedule == "epoch_decay":
+            return self.base * cfg.decay_factor ** max(0, epoch + 1 - cfg.decay_start)
         return self.base
 
     def on_validation(self, loss: float) -> None:

@@ -31,7 +31,9 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
+import shlex
 import signal
 import sys
 import time
@@ -428,7 +430,7 @@ def _run(recipe: Recipe, d: Dist, device: torch.device, argv, owner: rundir.RunD
     _check_replicas(r.model, d)
     if reason == "signal":
         _exit_on_signal(r, argv)
-    return _finish(r, reason)
+    return _finish(r, reason, argv)
 
 
 def _setup(recipe: Recipe, d: Dist, device: torch.device, owner: rundir.RunDir | None) -> _Run:
@@ -498,7 +500,7 @@ def _step(r: _Run, batch: PackedBatch, lr_scale: float) -> None:
     cfg, p, d = r.cfg, r.p, r.d
     batch = batch.to(r.device, non_blocking=True)
     tf = teacher_forcing_ratio(cfg.teacher_forcing, p.step)
-    lr = r.lr_at(p.step, _budget_fraction(r)) * lr_scale
+    lr = r.lr_at(p.step, _budget_fraction(r), p.epoch) * lr_scale
     for g in r.optimizer.param_groups:
         g["lr"] = lr
     # loss per real target token of the whole global batch: rank sums / global count, times
@@ -578,7 +580,7 @@ def _end_of_epoch(r: _Run) -> str | None:
     return None
 
 
-def _finish(r: _Run, reason: str) -> dict:
+def _finish(r: _Run, reason: str, argv) -> dict:
     """Final validation if the last one is stale, test perplexity of the best weights."""
     p, d = r.p, r.d
     if reason in ("max_steps", "max_time") and p.consumed:
@@ -587,7 +589,9 @@ def _finish(r: _Run, reason: str) -> dict:
     result = {"steps": p.step, "epochs": p.epoch, "tokens": p.tokens, "skipped_steps": p.skipped,
               "mode": r.cfg.mode, "best_val_ppl": math.exp(p.best_val) if p.best_val < math.inf else None,
               "val_tokens": r.val.num_tokens, "train_seconds": round(p.elapsed, 1), "stopped_by": reason,
-              "parameters": r.model.num_parameters(), "device": str(r.device), "world": d.world}
+              "parameters": r.model.num_parameters(), "device": str(r.device), "world": d.world,
+              "tokens_per_s": round(p.tokens / max(p.elapsed, 1e-9), 1), "command": _launch_command(argv),
+              "hardware": _hardware(r.device), "torch": torch.__version__}
     best = r.ckpt_dir / "best.pt"
     # every rank takes the same decision (best_val is reduced identically on all ranks)
     if r.test is not None and p.best_val < math.inf:
@@ -616,9 +620,31 @@ def _exit_on_signal(r: _Run, argv) -> None:
     raise SystemExit(128 + signum)
 
 
+def _hardware(device: torch.device) -> str:
+    """One line naming the machine a result was measured on."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    where = f"{os.cpu_count()} cores ({cpu}), {torch.get_num_threads()} torch threads"
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} + {where}"
+    return where
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _resume_command(argv) -> str:
     """The command that continues this run, as it was launched (torchrun included)."""
-    args = " ".join([*argv, "train.resume=auto"])
+    return _launch_command([*argv, "train.resume=auto"])
+
+
+def _launch_command(argv) -> str:
+    """``python -m lm.train ARGS`` as this run was launched (torchrun and its arguments included)."""
+    args = shlex.join(argv)
     if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return f"python -m lm.train {args}"
     nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -438,3 +438,17 @@ def test_bidirectional_lstm_encoder_cell_state_per_sequence():
         alone = enc(make_batch([SEQS[b]])).state
         for full, single in zip(out.state, alone):
             torch.testing.assert_close(full[:, b], single[:, 0], atol=1e-6, rtol=0)
+
+
+def test_init_range_sets_every_parameter_uniformly_as_zaremba_et_al():
+    from lm.config import ModelConfig
+    from lm.model import build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(cell="lstm", embed_dim=32, hidden_size=32, num_layers=2, init_range=0.05), 50)
+    for name, p in m.named_parameters():
+        assert p.abs().max() <= 0.05, name
+        if p.numel() > 1000:  # uniform, not torch's +-1/sqrt(H) = 0.177 nor zero biases
+            assert p.abs().max() > 0.049 and abs(p.mean()) < 0.005, name
+    assert torch.equal(m.embed.weight[0], torch.zeros(32))
+    assert m.rnn.bias_ih_l0.abs().min() > 0  # biases too (torch and pytorch/examples leave them otherwise)

@@ -166,3 +166,12 @@ def test_state_dict_of_a_fresh_schedule_holds_an_infinite_best():
     t = lr_schedule(lr=0.5)
     t.load_state_dict(s.state_dict())
     assert t.base == 0.01 and math.isinf(t.best)
+
+
+def test_epoch_decay_is_zaremba_et_al_s_schedule():
+    """lr for 4 epochs, then halved every epoch: epochs 0-3 at 1.0, epoch 4 at 0.5, epoch 12 at 1/512."""
+    s = LRSchedule(TrainConfig(lr=1.0, schedule="epoch_decay", decay_start=4, decay_factor=0.5))
+    assert [s(0, 0.0, e) for e in range(13)] == [1.0] * 4 + [0.5 ** k for k in range(1, 10)]
+    s.on_validation(3.0)
+    s.on_validation(4.0)  # validation does not steer it
+    assert s(0, 0.0, 4) == 0.5

@@ -391,7 +391,7 @@ class RNNLM(nn.Module):
         emb_mask = None if draw.emb is None else draw.emb[rows]  # (N, E)
         out_mask = None if draw.out is None else draw.out[rows]  # (N, H)
         x = self._dropout(self._embed(inputs.data, draw.words), self.dropout_emb, emb_mask)  # (N, E)
-        uniform = bool(batch_sizes[0] == batch_sizes[-1])
+        uniform = int(batch_sizes[0]) == int(batch_sizes[-1])  # batch_sizes live on the host: no sync
         if uniform or (not need_state and x.device.type == "cpu"):
             steps = len(batch_sizes)
             if uniform:  # equal lengths (stream windows, most bucketed batches): the packed data is the grid

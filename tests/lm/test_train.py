@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -243,6 +244,7 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(toy_recipe, lm_env):
     assert p1.returncode == 128 + signal.SIGTERM, err
     saved = max(steps())
     assert 7 <= saved < M
+    assert "SIGTERM: stopping after this step; saving a checkpoint" in err  # acknowledged at once
     assert f"SIGTERM: saved a checkpoint at step {saved}" in err
     assert f"python -m lm.train {rec} train.resume=auto" in err
 
@@ -261,6 +263,50 @@ def test_sigterm_then_sigkill_then_resume_is_bit_identical(toy_recipe, lm_env):
     assert f"resumed from {checkpoint.step_path(ckdir, killed_at)} at step {killed_at}" in err
     final = f"step-{M:08d}.pt"
     assert_same_training_state(ref.parent / "ref" / "checkpoints" / final, ckdir / final)
+
+
+def test_a_log_file_gets_plain_progress_lines_at_the_time_interval(toy_recipe, lm_env):
+    """stderr not a terminal (a job scheduler, ``> log 2>&1``): no bar, a plain line at least
+    every ``train.progress_every`` seconds (here the step-based log never comes), and the
+    validation and test perplexities as they are computed, naming protocol and tokens."""
+    rec = toy_recipe("log", train={"epochs": None, "max_steps": 30, "max_tokens": None, "batch_size": 1,
+                                   "log_every": 1000, "progress_every": 0.05})
+    proc = subprocess.run([sys.executable, "-m", "lm.train", str(rec)], cwd=REPO_ROOT, env=lm_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    progress = [line for line in lines if line.startswith("step ") and "loss" in line]
+    assert progress, proc.stderr
+    pattern = (r"^step (\d+) \| epoch 0 \| loss \d+\.\d{4} \| ppl \d+\.\d{2} \| lr 0\.01 \| [\d,]+ tok/s \| "
+               r"\d+s \((\d+)% of max_steps 30\)$")
+    for line in progress:
+        step, pct = map(int, re.match(pattern, line).groups())
+        assert pct == round(100 * step / 30)
+    assert "\r" not in proc.stderr  # no progress bar redraws in a log file
+    assert re.search(r"^step 30 \| epoch 0 \| validation perplexity [\d.]+ \(sequence protocol, 366 tokens\) \| best$",
+                     proc.stderr, re.M)
+    assert re.search(r"^test perplexity [\d.]+ \(sequence protocol, 332 tokens\)$", proc.stderr, re.M)
+    recs = records(rec.parent / "log", "train")
+    assert [r["step"] for r in recs] == [int(line.split()[1]) for line in progress]  # the same records
+
+
+def test_the_resume_command_reproduces_a_torchrun_launch(monkeypatch):
+    for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["recipes/ptb.yaml", "train.prompts=[a b, c]"]
+    assert lm.train._resume_command(argv) == "python -m lm.train recipes/ptb.yaml 'train.prompts=[a b, c]' train.resume=auto"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert lm.train._resume_command(argv[:1]) == \
+        "torchrun --nproc_per_node 2 -m lm.train recipes/ptb.yaml train.resume=auto"
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert lm.train._resume_command(argv[:1]) == ("torchrun --nproc_per_node 8 --nnodes 2 --rdzv_backend c10d "
+                                                  "--rdzv_endpoint node0:29500 -m lm.train recipes/ptb.yaml "
+                                                  "train.resume=auto")
 
 
 # --------------------------------------------------------------------------- scheduled sampling

@@ -29,10 +29,18 @@ from lm.state import State
 from pipeline.collate import PackedBatch
 from pipeline.errors import UserError
 
-def _sequence_rows(batch_sizes: Tensor) -> Tensor:
-    """Sorted-batch row of every packed token: ``[0..bs_0), [0..bs_1), ...`` as one (N,) tensor."""
+
+def _sequence_rows(batch_sizes: Tensor, device: torch.device | None = None) -> Tensor:
+    """Sorted-batch row of every packed token: ``[0..bs_0), [0..bs_1), ...`` as one (N,) tensor.
+
+    Built on the host from the host-side ``batch_sizes``; for a GPU it is copied from pinned
+    memory without blocking (a copy from pageable memory would wait for the device).
+    """
     starts = torch.cumsum(batch_sizes, 0) - batch_sizes  # (T,) offset of each time step
-    return torch.arange(int(batch_sizes.sum())) - starts.repeat_interleave(batch_sizes)  # (N,)
+    rows = torch.arange(int(batch_sizes.sum())) - starts.repeat_interleave(batch_sizes)  # (N,)
+    if device is None or device.type == "cpu":
+        return rows
+    return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows.to(device)
 
 
 def _to_sorted(state: State, packed: PackedSequence) -> State:
@@ -387,7 +395,7 @@ class RNNLM(nn.Module):
         width = int(batch_sizes[0])
         rows = None
         if draw.emb is not None or draw.out is not None or draw.layers is not None:
-            rows = _sequence_rows(batch_sizes).to(inputs.data.device)  # (N,)
+            rows = _sequence_rows(batch_sizes, inputs.data.device)  # (N,)
         emb_mask = None if draw.emb is None else draw.emb[rows]  # (N, E)
         out_mask = None if draw.out is None else draw.out[rows]  # (N, H)
         x = self._dropout(self._embed(inputs.data, draw.words), self.dropout_emb, emb_mask)  # (N, E)

@@ -97,6 +97,9 @@ class TrainConfig:
     improve, as in pytorch/examples) or ``adamw`` (linear ``warmup_steps``, then
     ``schedule``: ``cosine`` to ``min_lr`` over the run, ``plateau`` or ``constant``).
     Stopping: the first of ``epochs``, ``max_steps``, ``max_time`` (seconds) reached.
+    Precision: ``amp`` is ``auto`` (bf16 output layer on CUDA, fp32 elsewhere), ``off``,
+    ``bf16`` or ``fp16`` (with loss scaling); ``true``/``false`` mean auto/off. The table
+    of what runs in which dtype is in ``lm/precision.py``.
     """
 
     output_dir: Path = field(default=Path("runs/default"), metadata=PATH)
@@ -121,7 +124,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
-    amp: bool = True
+    # auto | off | bf16 | fp16 (true/false: auto/off); what each runs in: lm/precision.py
+    amp: Literal["auto", "off", "bf16", "fp16"] | bool = "auto"
     num_workers: int = 0
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = 20
@@ -143,6 +147,8 @@ class TrainConfig:
             raise ValueError(f"plateau_factor={self.plateau_factor}: must be in (0, 1]")
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise ValueError(f"resume={self.resume}: no such checkpoint (use auto, null, or a path)")
+        if isinstance(self.amp, bool):  # the old boolean key (and YAML's on/off) as aliases
+            self.amp = "auto" if self.amp else "off"
         if self.keep_checkpoints < 1 or self.log_every < 1 or self.num_workers < 0 or self.max_nonfinite < 1:
             raise ValueError("keep_checkpoints, log_every and max_nonfinite must be >= 1, num_workers >= 0")
 

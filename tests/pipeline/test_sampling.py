@@ -1,8 +1,6 @@
 """BucketBatchSampler: exact plans, invariants over many configurations, resume, DataLoader."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,8 +8,6 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.sampling import BucketBatchSampler
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 # Sweep (longest first, ties by index): 3(8) 8(7) 0(5) 9(4) 1(3) 2(3) 5(2) 6(2) 7(2) 4(1)
 LENS = [5, 3, 3, 8, 1, 2, 2, 2, 7, 4]
@@ -250,9 +246,8 @@ def test_prefetching_loader_resumes_from_batches_consumed():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "wikitext-2" / "train.txt").is_file(), reason=f"no {DATA}/wikitext-2/train.txt")
-def test_padding_efficiency_on_wikitext2():
-    with open(DATA / "wikitext-2" / "train.txt", encoding="utf-8") as f:
+def test_padding_efficiency_on_wikitext2(wikitext2):
+    with open(wikitext2 / "train.txt", encoding="utf-8") as f:
         lengths = np.array([len(line.split()) + 2 for line in f])  # <bos> words <eos>
     assert lengths.size == 36718
     s = BucketBatchSampler(lengths, batch_size=32, seed=0)

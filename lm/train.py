@@ -282,7 +282,7 @@ def _run(recipe: Recipe, d: Dist, argv) -> dict:
     if cfg.schedule == "cosine" and not total_steps:
         raise UserError("train.schedule=cosine needs train.epochs or train.max_steps to know the run's length")
     lr_at = LRSchedule(cfg, total_steps)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=model.adaptive) if d.world > 1 else model  # adaptive softmax: a tail cluster with no target in a rank's batch gets no gradient
     p = Progress()
 
     # ---- resume

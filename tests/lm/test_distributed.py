@@ -107,3 +107,29 @@ def test_replica_check_is_free_in_one_process():
     d = Dist()
     d.all_gather = lambda obj: pytest.fail("one process gathers nothing")
     _check_replicas(tiny_model(), d)
+
+
+# --------------------------------------------------------------------------- adaptive softmax under DDP
+
+
+def test_torchrun_two_ranks_adaptive_softmax_with_tiny_batches(toy_recipe, toy_prepared, lm_env):
+    """One sentence per batch: a rank whose batch has no target in a tail cluster leaves
+    that cluster's weights without a gradient. DDP must be told (``find_unused_parameters``),
+    else the next step fails with "Expected to have finished reduction in the prior iteration"."""
+    manifest = json.loads((toy_prepared / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    cutoffs = [8, vocab - 6]  # the last cluster: the 6 rarest words
+    train = TokenDataset(toy_prepared, "train")
+    steps = 6
+    plans = [BucketBatchSampler(train.lengths, max_tokens=16, seed=SEED, num_replicas=2, rank=r).plan(0) for r in (0, 1)]
+    tail_hit = [any(int(t) >= cutoffs[-1] for i in batch for t in train[i][1:]) for p in plans for batch in p[:steps]]
+    assert not all(tail_hit)  # the condition that crashed: a rank's batch without a target in the last cluster
+    path = toy_recipe("ddp_adaptive", model={"adaptive_cutoffs": cutoffs},
+                      train={"epochs": None, "max_steps": steps, "max_tokens": 16, "eval_every": None})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lm.train", str(path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=lm_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Expected to have finished reduction" not in proc.stderr and "replicas diverged" not in proc.stderr
+    result = json.loads((path.parent / "ddp_adaptive" / "result.json").read_text())
+    assert result["steps"] == steps and math.isfinite(result["best_val_ppl"])

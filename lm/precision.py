@@ -22,6 +22,9 @@ auto       cuda               as bf16
 auto       cpu, mps           as off
 =========  =================  ==============================  ==========  ===========
 
+torch's adaptive softmax gets fp32 inputs under any autocast (it fails on fp16 ones),
+and on a CPU it runs without autocast (CPU autocast breaks it).
+
 The RNN is never put in bf16, even on cuDNN >= 9.13: that needs bf16 weights (no fp32
 master copy) or a per-call cast that autocast does not offer; a bf16 RNN would be a
 separate, measured change. It never runs fp16 without a ``GradScaler``. ``off`` is plain
@@ -109,8 +112,9 @@ class Precision:
 
         With :attr:`rnn_outside_autocast`, every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` in
         ``model`` gets a subclass whose ``forward`` turns autocast off and casts its
-        input and state to fp32, so it runs in fp32/TF32 inside :meth:`autocast`. On a
-        CPU the adaptive softmax leaves autocast too (it fails in bf16 there, see
+        input and state to fp32, so it runs in fp32/TF32 inside :meth:`autocast`. With
+        any autocast the adaptive softmax gets fp32 inputs (torch's fails on fp16 ones
+        under autocast) and on a CPU runs without autocast (see
         :class:`FP32AdaptiveLogSoftmaxWithLoss`). Parameters, ``state_dict`` keys and hooks are unchanged. Call it before wrapping
         the model in DDP. Idempotent.
 
@@ -121,7 +125,7 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
         swap = dict(_FP32_CLASSES) if self.rnn_outside_autocast else {}
-        if self.device_type == "cpu" and self.dtype is not None:
+        if self.dtype is not None:
             swap[nn.AdaptiveLogSoftmaxWithLoss] = FP32AdaptiveLogSoftmaxWithLoss
         for m in model.modules():
             if type(m) in swap:
@@ -208,24 +212,29 @@ def _device_type(module: nn.Module) -> str:
 
 
 class FP32AdaptiveLogSoftmaxWithLoss(nn.AdaptiveLogSoftmaxWithLoss):
-    """Adaptive softmax in fp32 inside a CPU autocast region.
+    """Adaptive softmax that works inside an autocast region: fp32 input, and on a CPU fp32 throughout.
 
-    CPU autocast leaves ``log_softmax`` in bf16, and torch's adaptive softmax then
-    ``index_copy_``s bf16 log-probs into an fp32 output and fails (CUDA autocast runs
-    ``log_softmax`` in fp32, so there it works).
+    torch's version writes the clusters' log-probs (``index_copy_``) into an output of the
+    input's dtype, so both must agree. On CUDA autocast runs ``log_softmax`` in fp32: an fp32
+    input (an fp16 RNN's output is cast here) keeps the linear layers in reduced precision and
+    the copy consistent. CPU autocast leaves ``log_softmax`` in bf16, so there the module runs
+    with autocast off.
     """
 
+    def _call(self, fn, input, *rest):
+        if input.device.type == "cpu":
+            with torch.autocast("cpu", enabled=False):
+                return fn(_fp32(input), *rest)
+        return fn(_fp32(input), *rest)
+
     def forward(self, input, target):
-        with torch.autocast("cpu", enabled=False):
-            return super().forward(_fp32(input), target)
+        return self._call(super().forward, input, target)
 
     def log_prob(self, input):
-        with torch.autocast("cpu", enabled=False):
-            return super().log_prob(_fp32(input))
+        return self._call(super().log_prob, input)
 
     def predict(self, input):
-        with torch.autocast("cpu", enabled=False):
-            return super().predict(_fp32(input))
+        return self._call(super().predict, input)
 
 
 class FP32LSTM(_FP32Forward, nn.LSTM):

@@ -105,6 +105,20 @@ def test_autocast_policy_as_chosen():
     assert seen["rnn"] == want  # autocast's cuDNN RNN wrapper: fp16 whatever was asked
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_adaptive_softmax_training_step_under_each_policy(amp):
+    """torch's adaptive softmax copies fp32 log-probs into an output of its input's dtype:
+    an fp16 RNN output would fail there; the policy feeds it fp32."""
+    policy = precision.for_device(amp, torch.device("cuda"))
+    model = policy.apply(_model("lstm", adaptive_cutoffs=[10, 30]).cuda())
+    scaler = policy.grad_scaler()
+    with policy.autocast():
+        out = model(_batch().to("cuda"), need_state=False, need_logits=False)
+    scaler.scale(out.loss).backward()
+    assert math.isfinite(out.loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_one_ddp_step_with_nccl_equals_the_plain_step(tmp_path):
     """World size 1: DDP over NCCL (bucketed all-reduce of the packed model's gradients,
     find_unused_parameters for the adaptive softmax) gives the plain step's gradients."""

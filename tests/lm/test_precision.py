@@ -128,9 +128,20 @@ def test_apply_runs_the_rnn_in_fp32_inside_autocast(cls, fp32_cls):
 
 
 def test_apply_without_autocast_changes_nothing():
-    model = nn.Sequential(nn.LSTM(4, 4))
+    model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]))
     choose("off", "cpu", None).apply(model)
-    assert type(model[0]) is nn.LSTM
+    assert [type(m) for m in model] == [nn.LSTM, nn.AdaptiveLogSoftmaxWithLoss]
+
+
+@pytest.mark.parametrize("amp, rnn", [("bf16", FP32LSTM), ("fp16", nn.LSTM)])
+def test_apply_for_cuda_policies_swaps_the_right_modules(amp, rnn, monkeypatch):
+    """(On CPU tensors: only which classes each CUDA policy installs, and its TF32 flags.)"""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]))
+    choose(amp, "cuda", 90100).apply(model)
+    assert [type(m) for m in model] == [rnn, precision.FP32AdaptiveLogSoftmaxWithLoss]
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
 
 
 # -------------------------------------------------------------- a training step in CPU bf16

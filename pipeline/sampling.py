@@ -332,12 +332,18 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def _step_start(self, step: int) -> tuple[int, int]:
         """Index of the first batch of ``step`` in the epoch's dealing order, and the ranks then."""
+        first, width, _ = self._locate(step)
+        return first, width
+
+    def _locate(self, step: int) -> tuple[int, int, int]:
+        """Where ``step`` (``0..epoch_length``) falls: its first batch in the epoch's dealing
+        order, the number of ranks then, and how many segments had begun by then."""
         segments = self._segments if self.epoch == self._segments_epoch else ((self.num_replicas, 0),)
         done = 0
         for i, (r, g) in enumerate(segments):
             span = (segments[i + 1][1] - g) // r if i + 1 < len(segments) else None
             if span is None or step < done + span:
-                return g + (step - done) * r, r
+                return g + (step - done) * r, r, i + 1
             done += span
         raise AssertionError("unreachable")
 
@@ -432,12 +438,13 @@ class BucketBatchSampler(Sampler[list[int]]):
             plain Python values.
         """
         pos = self._position if batches_consumed is None else int(batches_consumed)
-        _, mine, steps_before = self._plan(self.epoch)
-        if not steps_before <= pos <= steps_before + len(mine):
-            raise ValueError(f"batches_consumed must be in [{steps_before}, {steps_before + len(mine)}], got {batches_consumed}")
-        segments = self._segments if self.epoch == self._segments_epoch else ((self.num_replicas, 0),)
-        consumed = segments[-1][1] + (pos - steps_before) * self.num_replicas
-        return {"epoch": self.epoch, "position": pos, "consumed": consumed, "num_replicas": self.num_replicas,
+        if not 0 <= pos <= self.epoch_length:
+            raise ValueError(f"batches_consumed must be in [0, {self.epoch_length}], got {batches_consumed}")
+        # a position before a change of ranks (e.g. 0 of an epoch a trainer has just finished)
+        # keeps only the segments begun by then
+        consumed, width, begun = self._locate(pos)
+        segments = (self._segments if self.epoch == self._segments_epoch else ((self.num_replicas, 0),))[:begun]
+        return {"epoch": self.epoch, "position": pos, "consumed": consumed, "num_replicas": width,
                 "segments": [list(x) for x in segments], "config": self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,8 +483,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         except ValueError:
             self.epoch, self._position, self._segments, self._segments_epoch, self._cache = old
             raise
-        if not 0 <= pos <= steps_before + len(mine_batches):
+        if not steps_before <= pos <= steps_before + len(mine_batches):
             self.epoch, self._position, self._segments, self._segments_epoch, self._cache = old
-            raise ValueError(f"saved position {pos} outside [0, {steps_before + len(mine_batches)}]")
+            raise ValueError(f"saved position {pos} outside [{steps_before}, {steps_before + len(mine_batches)}]")
         self._position = pos
         self._resume = True

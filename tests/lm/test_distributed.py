@@ -187,3 +187,34 @@ def test_torchrun_finishes_when_no_validation_was_finite(toy_recipe, lm_env, tmp
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 3 and result["best_val_ppl"] is None and "test_ppl" not in result
     assert not (out / "checkpoints" / "best.pt").exists()
+
+
+# --------------------------------------------------------------------------- resume on another number of ranks
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_trains_every_sequence_once(toy_recipe, toy_prepared, lm_env, before, after):
+    """Stop after 3 steps on ``before`` ranks, finish the epoch on ``after``: the epoch's
+    predicted tokens are exactly the training split's (each sequence once)."""
+    path = toy_recipe(f"elastic{before}{after}", train={"epochs": 1, "max_steps": 3, "checkpoint_every": 3, "eval_every": None})
+
+    def launch(world: int, *overrides: str) -> subprocess.CompletedProcess:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 \
+            else [sys.executable]
+        proc = subprocess.run([*head, "-m", "lm.train", str(path), *overrides], cwd=REPO_ROOT, env=lm_env,
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    launch(before)
+    out = path.parent / f"elastic{before}{after}"
+    first = json.loads((out / "result.json").read_text())
+    assert first["steps"] == 3 and first["stopped_by"] == "max_steps"
+    launch(after, "train.resume=auto", "train.max_steps=null")
+    result = json.loads((out / "result.json").read_text())
+    train = TokenDataset(toy_prepared, "train")
+    assert result["stopped_by"] == "epochs" and result["tokens"] == train.num_tokens
+    lengths = train.lengths
+    saved = BucketBatchSampler(lengths, max_tokens=MAX_TOKENS, seed=SEED, num_replicas=before)
+    rest = len(saved._global_plan(0, before)[1]) - 3 * before  # batches left after 3 steps
+    assert result["steps"] == 3 + -(-rest // after)  # the rest, split if needed, dealt to `after` ranks

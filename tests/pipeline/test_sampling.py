@@ -374,3 +374,24 @@ def test_global_counts_after_elastic_resume():
     s = resumed[1]
     for step, batches in enumerate(head + tail):
         assert s.global_counts(step) == (sum(map(len, batches)), int(sum(lengths[i] for b in batches for i in b)))
+
+
+def test_state_at_a_position_before_the_change_of_ranks():
+    """A trainer that finished an elastic epoch saves position 0 of it before set_epoch(next):
+    the state keeps only the first segment, and loads into a plain start of that epoch."""
+    lengths = np.random.default_rng(10).integers(1, 30, 80)
+    kw = dict(batch_size=5, seed=2)
+    _, state, _ = _consume(lengths, 2, 3, **kw)
+    _, _, one = _consume(lengths, 1, None, state=state, **kw)
+    s = one[0]
+    assert s.state_dict(batches_consumed=s.epoch_length)["consumed"] == 16  # all 16 batches of 5
+    zero = s.state_dict(batches_consumed=0)
+    assert (zero["position"], zero["consumed"], zero["segments"], zero["num_replicas"]) == (0, 0, [[2, 0]], 2)
+    two = s.state_dict(batches_consumed=2)  # mid first segment: 2 steps of 2 ranks
+    assert (two["consumed"], two["segments"]) == (4, [[2, 0]])
+    fresh = BucketBatchSampler(lengths, **kw)
+    fresh.load_state_dict(zero)
+    assert fresh.position == 0 and len(list(fresh)) == 16  # the epoch from the top, on one rank
+    assert s.epoch_length == 3 + 10
+    with pytest.raises(ValueError, match=r"batches_consumed must be in \[0, 13\]"):
+        s.state_dict(batches_consumed=14)

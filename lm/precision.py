@@ -22,8 +22,13 @@ auto       cuda               as bf16
 auto       cpu, mps           as off
 =========  =================  ==============================  ==========  ===========
 
-torch's adaptive softmax gets fp32 inputs under any autocast (it fails on fp16 ones),
-and on a CPU it runs without autocast (CPU autocast breaks it).
+How. Reduced precision is put on the *output layer's modules* (:meth:`Precision.apply`
+swaps ``nn.Linear`` and ``nn.AdaptiveLogSoftmaxWithLoss`` for subclasses that open their
+own autocast region), not around the whole forward pass, so the RNN runs in fp32 however
+the model calls it (``nn.LSTM.forward`` or ``torch._VF`` directly, as weight drop does).
+Only the fp16-RNN policy opens an autocast region around the forward
+(:meth:`Precision.autocast`). torch's adaptive softmax gets fp32 inputs under autocast
+(it fails on fp16 ones), and on a CPU it runs without autocast (CPU autocast breaks it).
 
 The RNN is never put in bf16, even on cuDNN >= 9.13: that needs bf16 weights (no fp32
 master copy) or a per-call cast that autocast does not offer; a bf16 RNN would be a
@@ -33,7 +38,7 @@ fp32 (TF32 off too); the other CUDA modes allow TF32 for fp32 matmuls and cuDNN.
 Use (the trainer)::
 
     policy = precision.for_device(cfg.amp, device)
-    policy.apply(model)             # RNN layers leave autocast (when the policy says so), TF32 flags
+    policy.apply(model)             # output layer in the policy's dtype; TF32 flags
     scaler = policy.grad_scaler()   # a disabled scaler is a pass-through
     with policy.autocast():
         out = model(batch, ...)
@@ -76,8 +81,8 @@ class Precision:
 
     Attributes:
         device_type: ``"cuda"``, ``"cpu"`` or ``"mps"``.
-        dtype: the autocast dtype of the region :meth:`autocast` opens (output layer,
-            adaptive softmax); ``None``: no autocast.
+        dtype: what the output layer (linear or adaptive softmax) computes in, under
+            autocast; ``None``: fp32, no autocast anywhere.
         rnn_dtype: what the recurrent layers compute in (``float32`` or ``float16``).
         scaler: whether the loss must be scaled (fp16 anywhere in the backward pass).
         tf32: whether fp32 matmuls and cuDNN may use TF32 (CUDA only).
@@ -92,13 +97,17 @@ class Precision:
     description: str
 
     @property
-    def rnn_outside_autocast(self) -> bool:
-        """The RNN layers must leave the autocast region (which would cast them to fp16)."""
-        return self.dtype is not None and self.rnn_dtype == torch.float32
+    def ambient(self) -> bool:
+        """Whether :meth:`autocast` opens a region around the whole forward (an fp16 RNN)."""
+        return self.dtype is not None and self.rnn_dtype != torch.float32
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast region for the forward pass (a no-op context without autocast)."""
-        if self.dtype is None:
+        """The region the trainer opens around the forward pass.
+
+        An autocast region only when the RNN itself runs in reduced precision (fp16 with
+        cuDNN); otherwise a no-op, since :meth:`apply` gives the output layer its own.
+        """
+        if not self.ambient:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
@@ -110,13 +119,12 @@ class Precision:
     def apply(self, model: nn.Module) -> nn.Module:
         """Prepare ``model`` (in place) and the backend flags for this policy.
 
-        With :attr:`rnn_outside_autocast`, every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` in
-        ``model`` gets a subclass whose ``forward`` turns autocast off and casts its
-        input and state to fp32, so it runs in fp32/TF32 inside :meth:`autocast`. With
-        any autocast the adaptive softmax gets fp32 inputs (torch's fails on fp16 ones
-        under autocast) and on a CPU runs without autocast (see
-        :class:`FP32AdaptiveLogSoftmaxWithLoss`). Parameters, ``state_dict`` keys and hooks are unchanged. Call it before wrapping
-        the model in DDP. Idempotent.
+        With a reduced-precision :attr:`dtype`, every ``nn.Linear`` (the output layer) and
+        ``nn.AdaptiveLogSoftmaxWithLoss`` gets a subclass whose methods run under autocast
+        to that dtype (:class:`BF16Linear`, ...); on a CPU the adaptive softmax, its own
+        linear layers included, stays fp32 instead (:class:`FP32AdaptiveLogSoftmaxWithLoss`).
+        Parameters, ``state_dict`` keys, tied weights and hooks are unchanged. Call it
+        before wrapping the model in DDP. Idempotent.
 
         Returns:
             ``model``.
@@ -124,12 +132,19 @@ class Precision:
         if self.device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
-        swap = dict(_FP32_CLASSES) if self.rnn_outside_autocast else {}
-        if self.dtype is not None:
-            swap[nn.AdaptiveLogSoftmaxWithLoss] = FP32AdaptiveLogSoftmaxWithLoss
+        if self.dtype is None:
+            return model
+        linear, adaptive = _LINEAR[self.dtype], _ADAPTIVE[self.dtype]
+        if self.device_type == "cpu":
+            adaptive = FP32AdaptiveLogSoftmaxWithLoss
+        keep_fp32 = set()
         for m in model.modules():
-            if type(m) in swap:
-                m.__class__ = swap[type(m)]
+            if isinstance(m, nn.AdaptiveLogSoftmaxWithLoss):
+                m.__class__ = adaptive
+                if adaptive is FP32AdaptiveLogSoftmaxWithLoss:
+                    keep_fp32.update(id(c) for c in m.modules() if c is not m)
+            elif isinstance(m, nn.Linear) and id(m) not in keep_fp32:
+                m.__class__ = linear
         return model
 
 
@@ -185,68 +200,80 @@ def for_device(amp: str | bool, device: torch.device | str) -> Precision:
     return choose(amp, device_type, cudnn_version)
 
 
-# ------------------------------------------------------------------ RNN outside autocast
+# ------------------------------------------------------------------ output layer under autocast
 
 
 def _fp32(x):
-    """Floating tensors (and PackedSequence data, and tuples of either) as fp32; the rest as is."""
-    if x is None:
-        return None
-    if isinstance(x, nn.utils.rnn.PackedSequence):
-        return x._replace(data=x.data.float()) if x.data.is_floating_point() else x
-    if isinstance(x, tuple):
-        return tuple(_fp32(t) for t in x)
+    """A floating tensor as fp32; anything else as is."""
     return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
 
 
-class _FP32Forward:
-    """Mixin: run the recurrent layer in fp32 with autocast off (its cuDNN wrapper would cast to fp16)."""
+class _Autocast:
+    """Mixin: run the module's methods under autocast to ``_amp_dtype`` (``None``: autocast off),
+    with fp32 inputs."""
 
-    def forward(self, input, hx=None):  # noqa: D401 - nn.RNNBase's signature
-        with torch.autocast(_device_type(self), enabled=False):
-            return super().forward(_fp32(input), _fp32(hx))
+    _amp_dtype: torch.dtype | None = None
+
+    def _region(self):
+        device_type = next(self.parameters()).device.type
+        if self._amp_dtype is None:
+            return torch.autocast(device_type, enabled=False)
+        return torch.autocast(device_type, dtype=self._amp_dtype)
 
 
-def _device_type(module: nn.Module) -> str:
-    return next(module.parameters()).device.type
+class _AutocastLinear(_Autocast, nn.Linear):
+    def forward(self, input):
+        with self._region():
+            return super().forward(input)
 
 
-class FP32AdaptiveLogSoftmaxWithLoss(nn.AdaptiveLogSoftmaxWithLoss):
-    """Adaptive softmax that works inside an autocast region: fp32 input, and on a CPU fp32 throughout.
+class BF16Linear(_AutocastLinear):
+    """``nn.Linear`` computing in bf16 (autocast), fp32 parameters."""
 
-    torch's version writes the clusters' log-probs (``index_copy_``) into an output of the
-    input's dtype, so both must agree. On CUDA autocast runs ``log_softmax`` in fp32: an fp32
-    input (an fp16 RNN's output is cast here) keeps the linear layers in reduced precision and
-    the copy consistent. CPU autocast leaves ``log_softmax`` in bf16, so there the module runs
-    with autocast off.
-    """
+    _amp_dtype = torch.bfloat16
 
-    def _call(self, fn, input, *rest):
-        if input.device.type == "cpu":
-            with torch.autocast("cpu", enabled=False):
-                return fn(_fp32(input), *rest)
-        return fn(_fp32(input), *rest)
+
+class FP16Linear(_AutocastLinear):
+    """``nn.Linear`` computing in fp16 (autocast), fp32 parameters."""
+
+    _amp_dtype = torch.float16
+
+
+class _AutocastAdaptive(_Autocast, nn.AdaptiveLogSoftmaxWithLoss):
+    """torch's adaptive softmax ``index_copy_``s the clusters' log-probs (fp32 under CUDA
+    autocast) into an output of its input's dtype: the input is made fp32 first."""
 
     def forward(self, input, target):
-        return self._call(super().forward, input, target)
+        with self._region():
+            return super().forward(_fp32(input), target)
 
     def log_prob(self, input):
-        return self._call(super().log_prob, input)
+        with self._region():
+            return super().log_prob(_fp32(input))
 
     def predict(self, input):
-        return self._call(super().predict, input)
+        with self._region():
+            return super().predict(_fp32(input))
 
 
-class FP32LSTM(_FP32Forward, nn.LSTM):
-    """``nn.LSTM`` that runs in fp32 inside an autocast region (see :meth:`Precision.apply`)."""
+class BF16AdaptiveLogSoftmaxWithLoss(_AutocastAdaptive):
+    """Adaptive softmax with its linear layers in bf16 (CUDA autocast), log-probs in fp32."""
+
+    _amp_dtype = torch.bfloat16
 
 
-class FP32GRU(_FP32Forward, nn.GRU):
-    """``nn.GRU`` that runs in fp32 inside an autocast region (see :meth:`Precision.apply`)."""
+class FP16AdaptiveLogSoftmaxWithLoss(_AutocastAdaptive):
+    """Adaptive softmax with its linear layers in fp16 (CUDA autocast), log-probs in fp32."""
+
+    _amp_dtype = torch.float16
 
 
-class FP32RNN(_FP32Forward, nn.RNN):
-    """``nn.RNN`` that runs in fp32 inside an autocast region (see :meth:`Precision.apply`)."""
+class FP32AdaptiveLogSoftmaxWithLoss(_AutocastAdaptive):
+    """Adaptive softmax in fp32 even inside an autocast region: CPU autocast leaves
+    ``log_softmax`` in bf16, which torch's adaptive softmax cannot mix with fp32."""
+
+    _amp_dtype = None
 
 
-_FP32_CLASSES = {nn.LSTM: FP32LSTM, nn.GRU: FP32GRU, nn.RNN: FP32RNN}
+_LINEAR = {torch.bfloat16: BF16Linear, torch.float16: FP16Linear}
+_ADAPTIVE = {torch.bfloat16: BF16AdaptiveLogSoftmaxWithLoss, torch.float16: FP16AdaptiveLogSoftmaxWithLoss}

@@ -10,12 +10,11 @@ import pytest
 import torch
 import yaml
 from torch import nn
-from torch.nn.utils.rnn import pack_sequence
 
 from lm import precision
 from lm.config import load
 from lm.model import RNNLM
-from lm.precision import FP32GRU, FP32LSTM, FP32RNN, choose
+from lm.precision import choose
 from pipeline.collate import PackedCollator
 from pipeline.errors import UserError
 
@@ -48,7 +47,7 @@ def test_policy_table(amp, device, cudnn, dtype, rnn_dtype, scaler, tf32):
     assert p.description.startswith("precision: ") and "\n" not in p.description
     # the invariant the table exists for: an RNN in fp16 always has loss scaling
     assert p.scaler == (FP16 in (p.dtype, p.rnn_dtype))
-    assert p.rnn_outside_autocast == (dtype is not None and rnn_dtype == FP32)
+    assert p.ambient == (rnn_dtype == FP16)  # an autocast region around the forward only for an fp16 RNN
 
 
 def test_policy_description_names_the_cudnn_version():
@@ -99,49 +98,70 @@ def test_recipe_amp_key_refuses_other_values():
         load(REPO / "recipes" / "tiny.yaml", ["train.amp=fp32"])
 
 
-# ------------------------------------------------------------------ the RNN leaves autocast
+# ------------------------------------------------------- the output layer, not the RNN
 
 
-@pytest.mark.parametrize("cls, fp32_cls", [(nn.LSTM, FP32LSTM), (nn.GRU, FP32GRU), (nn.RNN, FP32RNN)])
-def test_apply_runs_the_rnn_in_fp32_inside_autocast(cls, fp32_cls):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_apply_puts_the_output_layer_in_bf16_and_leaves_the_rnn_in_fp32(cell):
     torch.manual_seed(0)
-    model = nn.Sequential(cls(8, 8, 2))
+    model = RNNLM(30, cell=cell, embed_dim=8, hidden_size=8, num_layers=2).eval()
     keys = list(model.state_dict())
-    x = torch.randn(6, 3, 8)  # (T, B, E) padded: CPU autocast runs nn.LSTM on it in bf16
-    ref, _ = model[0](x)
+    rnn_class = type(model.rnn)
     policy = choose("bf16", "cpu", None)
-    with policy.autocast():
-        before, _ = model[0](x)
-    assert policy.apply(model) is model and type(model[0]) is fp32_cls
+    assert policy.apply(model) is model and type(model.head) is precision.BF16Linear
     policy.apply(model)  # idempotent
-    assert type(model[0]) is fp32_cls and isinstance(model[0], cls) and list(model.state_dict()) == keys
-    with policy.autocast():
-        after, _ = model[0](x.bfloat16())  # also a bf16 input is run in fp32
-        packed, _ = model[0](pack_sequence([x[:, 0], x[:4, 1]]))
-    assert after.dtype == FP32 and packed.data.dtype == FP32
-    torch.testing.assert_close(after, ref, atol=2e-2, rtol=0)  # the input went through bf16 once
-    with policy.autocast():
-        exact, _ = model[0](x)
-    assert torch.equal(exact, ref)  # fp32 input: bit-identical to no autocast
-    if cls is nn.LSTM:
-        assert before.dtype == BF16  # what the policy prevents: the RNN silently in reduced precision
+    assert type(model.head) is precision.BF16Linear and isinstance(model.head, nn.Linear)
+    assert type(model.rnn) is rnn_class and list(model.state_dict()) == keys
+    seen = {}
+    model.rnn.register_forward_hook(lambda m, i, o: seen.__setitem__("rnn", o[0]))
+    with torch.no_grad(), policy.autocast():
+        out = model(PackedCollator(pad_id=0)([[1, 5, 7, 2], [1, 9, 2]]))
+    rnn_out = seen["rnn"]
+    assert (rnn_out.data if hasattr(rnn_out, "data") else rnn_out).dtype == FP32
+    assert out.logits.dtype == BF16
+
+
+def test_no_ambient_autocast_so_the_rnn_is_fp32_however_it_is_called():
+    """bf16 policies open no region around the forward: a direct kernel call (as weight drop
+    makes, ``torch._VF``) stays fp32. CPU autocast would run a padded LSTM in bf16."""
+    lstm, x = nn.LSTM(8, 8), torch.randn(5, 2, 8)  # (T, B, E)
+    with torch.autocast("cpu", dtype=BF16):
+        assert lstm(x)[0].dtype == BF16  # what an ambient region would do
+    for policy in (choose("bf16", "cpu", None), choose("bf16", "cuda", 91300), choose("fp16", "cuda", None)):
+        assert not policy.ambient
+        with policy.autocast():
+            assert lstm(x)[0].dtype == FP32
+            h = (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+            assert torch._VF.lstm(x, h, lstm._flat_weights, True, 1, 0.0, False, False, False)[0].dtype == FP32
+    assert choose("fp16", "cuda", 90100).ambient  # the fp16 cuDNN RNN: autocast around the forward
+
+
+def test_apply_keeps_tied_weights():
+    model = RNNLM(30, cell="lstm", embed_dim=8, hidden_size=8, num_layers=1, tie_weights=True)
+    choose("bf16", "cpu", None).apply(model)
+    assert model.head.weight is model.embed.weight
 
 
 def test_apply_without_autocast_changes_nothing():
-    model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]))
+    model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]), nn.Linear(4, 4))
     choose("off", "cpu", None).apply(model)
-    assert [type(m) for m in model] == [nn.LSTM, nn.AdaptiveLogSoftmaxWithLoss]
+    assert [type(m) for m in model] == [nn.LSTM, nn.AdaptiveLogSoftmaxWithLoss, nn.Linear]
 
 
-@pytest.mark.parametrize("amp, rnn", [("bf16", FP32LSTM), ("fp16", nn.LSTM)])
-def test_apply_for_cuda_policies_swaps_the_right_modules(amp, rnn, monkeypatch):
-    """(On CPU tensors: only which classes each CUDA policy installs, and its TF32 flags.)"""
+@pytest.mark.parametrize("amp, device, adaptive, inner", [
+    ("bf16", "cuda", precision.BF16AdaptiveLogSoftmaxWithLoss, precision.BF16Linear),
+    ("fp16", "cuda", precision.FP16AdaptiveLogSoftmaxWithLoss, precision.FP16Linear),
+    ("bf16", "cpu", precision.FP32AdaptiveLogSoftmaxWithLoss, nn.Linear),  # CPU: all of it fp32
+])
+def test_apply_swaps_the_right_modules(amp, device, adaptive, inner, monkeypatch):
+    """(On CPU tensors: which classes each policy installs, and its TF32 flags.)"""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]))
-    choose(amp, "cuda", 90100).apply(model)
-    assert [type(m) for m in model] == [rnn, precision.FP32AdaptiveLogSoftmaxWithLoss]
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    choose(amp, device, 90100).apply(model)
+    assert [type(m) for m in model] == [nn.LSTM, adaptive]
+    assert {type(m) for m in model[1].modules() if isinstance(m, nn.Linear)} == {inner}
+    assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == (device == "cuda")
 
 
 # -------------------------------------------------------------- a training step in CPU bf16
@@ -189,15 +209,15 @@ def test_cpu_bf16_training_step_is_finite_and_close_to_fp32(cell):
 
 def test_cpu_bf16_adaptive_softmax_runs_in_fp32():
     """CPU autocast breaks torch's adaptive softmax (bf16 log-probs copied into an fp32
-    output); the policy runs it, like the RNN, in fp32: the step is then exactly fp32's."""
+    output); on a CPU the policy keeps it fp32, like the RNN: the step is then exactly fp32's."""
     model, batch = _model_and_batch("lstm", adaptive_cutoffs=[20, 60])
     policy = choose("bf16", "cpu", None)
     h, targets = torch.randn(40, 32), torch.arange(40) * 3  # fp32 RNN outputs, targets in every cluster
-    with pytest.raises(RuntimeError, match="same dtype"), policy.autocast():
-        model.head(h, targets)  # what apply() prevents
+    with pytest.raises(RuntimeError, match="same dtype"), torch.autocast("cpu", dtype=BF16):
+        model.head(h, targets)  # torch's adaptive softmax inside CPU autocast
     loss32, grads32 = _step(model, batch, choose("off", "cpu", None))
     policy.apply(model)
     loss16, grads16 = _step(model, batch, policy)
     assert loss16 == loss32 and all(torch.equal(a, b) for a, b in zip(grads16, grads32))
-    with torch.no_grad(), policy.autocast():
-        assert model.head.log_prob(torch.randn(3, 32)).dtype == FP32
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):  # even inside a region
+        assert model.head(h, targets).output.dtype == model.head.log_prob(h).dtype == FP32

@@ -147,6 +147,9 @@ class TrainConfig:
     ``epoch_decay`` keeps ``lr`` for ``decay_start`` epochs, then multiplies it by
     ``decay_factor`` every epoch (Zaremba et al. 2014).
     Stopping: the first of ``epochs``, ``max_steps``, ``max_time`` (seconds) reached.
+    Precision: ``amp`` is ``auto`` (bf16 output layer on CUDA, fp32 elsewhere), ``off``,
+    ``bf16`` or ``fp16`` (with loss scaling); ``true``/``false`` mean auto/off. The table
+    of what runs in which dtype is in ``lm/precision.py``.
     Averaged weights (NT-ASGD, Merity et al. 2017): ``average: nonmono`` starts a running
     mean of the weights once validation is worse than the best from before the last
     ``nonmono`` evaluations; ``always`` from step 0. Validation, ``best.pt`` and the test
@@ -181,7 +184,7 @@ class TrainConfig:
         checkpoint_every: write step-N.pt every this many steps (null = at epoch ends and the stop only).
         keep_checkpoints: the newest step checkpoints kept; best.pt is kept besides.
         resume: auto (the newest good checkpoint in output_dir), a checkpoint path, or null (a new run).
-        amp: bf16 autocast on CUDA (ignored on CPU).
+        amp: mixed precision: auto (bf16 output layer on CUDA, fp32 elsewhere), off, bf16 or fp16 (with loss scaling).
         num_workers: DataLoader worker processes (0 = load in the training process).
         prompts: texts continued greedily each epoch, printed and logged as samples.
         sample_tokens: tokens generated per prompt sample.
@@ -222,7 +225,8 @@ class TrainConfig:
     average: Literal["off", "nonmono", "always"] = "off"
     nonmono: int = field(default=5, metadata=num(ge=1, le=10**6))
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
-    amp: bool = True
+    # auto | off | bf16 | fp16 (true/false: auto/off); what each runs in: lm/precision.py
+    amp: Literal["auto", "off", "bf16", "fp16"] | bool = "auto"
     num_workers: int = field(default=0, metadata=num(le=256))
     prompts: list[str] = field(default_factory=list)
     sample_tokens: int = field(default=20, metadata=num(le=10**6))
@@ -246,6 +250,8 @@ class TrainConfig:
             raise ValueError(f"min_lr={self.min_lr}: must be <= lr={self.lr} (the floor of the learning rate)")
         if self.resume not in (None, "auto") and not Path(self.resume).expanduser().exists():
             raise ValueError(f"resume={self.resume}: no such checkpoint (use auto, null, or a path)")
+        if isinstance(self.amp, bool):  # the old boolean key (and YAML's on/off) as aliases
+            self.amp = "auto" if self.amp else "off"
 
 
 @dataclass

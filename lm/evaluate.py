@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
     results = []
     for name, ds, text, nbytes in jobs:
         data = _data(ds, cfg, Dist(), train=False, pin=False)
-        nll, tokens = evaluate(model, data, device, Dist(), amp=False)
+        nll, tokens = evaluate(model, data, device, Dist())
         res = {"checkpoint": str(args.checkpoint), "text": name, "mode": mode,
                **({"streams": cfg.eval_batch_size, "bptt": cfg.bptt} if mode == "stream" else {}),
                **_scores(nll, tokens, text, nbytes)}

@@ -47,12 +47,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lm import checkpoint, rundir
+from lm import checkpoint, precision, rundir
 from lm.averaging import WeightAverage
 from lm.device import resolve_device
 from lm import state as st
 from lm.config import Recipe, TrainConfig, load
 from lm.model import RNNLM, build_model
+from lm.precision import Precision
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.bptt import StreamWindows
 from pipeline.collate import PackedBatch, PackedCollator
@@ -157,6 +158,12 @@ class _SequenceData:
         for batch in self.loader:
             yield batch, 1.0
 
+    def global_tokens(self, step: int, batch: PackedBatch, world: int) -> int:
+        """Predicted tokens of step ``step`` of the epoch over all ranks, from the sampler's
+        plan (a pure function of lengths, seed and epoch): no collective needed."""
+        sequences, tokens = self.sampler.global_counts(step)
+        return tokens - sequences  # the collator's shift: one target fewer per sequence
+
     def state_dict(self, consumed: int) -> dict:
         return self.sampler.state_dict(batches_consumed=consumed)
 
@@ -197,6 +204,10 @@ class _StreamData:
             batch = self.collate(window)
             scale = (len(window[0]) - 1) / self.bptt if self.windows.variable else 1.0
             yield (batch.pin_memory() if self.pin else batch), scale
+
+    def global_tokens(self, step: int, batch: PackedBatch, world: int) -> int:
+        """Predicted tokens of a training window over all ranks: every rank's window is equal."""
+        return batch.num_tokens * world
 
     def state_dict(self, consumed: int) -> dict:
         return self.windows.state_dict(windows_consumed=consumed)
@@ -252,15 +263,11 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model: RNNLM, data, device: torch.device, d: Dist, amp: bool) -> tuple[float, int]:
+def evaluate(model: RNNLM, data, device: torch.device, d: Dist, policy: Precision | None = None) -> tuple[float, int]:
     """Summed NLL and predicted tokens over a whole split, across all ranks.
 
     ``data`` yields ``(batch, _)`` pairs (the trainer's data objects) or plain batches
@@ -282,7 +289,7 @@ def evaluate(model: RNNLM, data, device: torch.device, d: Dist, amp: bool) -> tu
         batch = batch.to(device, non_blocking=True)
         if state is not None and st.hidden(state).size(1) > len(batch.lengths):
             state = st.narrow(state, len(batch.lengths))  # exhausted streams drop off the end
-        with _autocast(device, amp):
+        with policy.autocast() if policy is not None else contextlib.nullcontext():
             out = model(batch, state, need_state=carry, need_logits=False)
         state = out.state if carry else None
         nll += out.nll_sum.double()
@@ -357,6 +364,8 @@ class _Run:
     report: "_Reporter"
     stop: _Stop
     p: Progress = field(default_factory=Progress)
+    policy: Precision | None = None  # mixed precision (lm/precision.py)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only; a pass-through otherwise
     average: WeightAverage | None = None  # NT-ASGD's running mean of the weights
     carry: tuple | None = None  # stream mode: the detached state carried into the next window
     clock0: float = 0.0  # perf_counter at the (re)start, minus the elapsed time restored
@@ -384,12 +393,16 @@ def run(recipe: Recipe, *, argv: list[str] = ()) -> dict:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         device = resolve_device(recipe.train.device, d.local_rank, world=d.world)
+        try:
+            policy = precision.for_device(recipe.train.amp, device)
+        except ValueError as e:
+            raise UserError(f"train.amp: {e}") from None
         # rank 0 owns the output folder for the whole run (lm/rundir.py); a refusal comes
         # before anything is written, and every rank stops with it
         owner = _agreed(d, lambda: rundir.claim(recipe.train.output_dir, resume=recipe.train.resume,
                                                 recipe=to_dict(recipe)) if d.main else None)
         with owner or contextlib.nullcontext():
-            return _run(recipe, d, device, argv, owner)
+            return _run(recipe, d, device, policy, argv, owner)
     finally:
         for s, h in handlers.items():  # _Stop's handlers must not outlive the run (notebooks, tests)
             if h is not None:
@@ -412,8 +425,9 @@ def _agreed(d: Dist, fn):
     return value
 
 
-def _run(recipe: Recipe, d: Dist, device: torch.device, argv, owner: rundir.RunDir | None) -> dict:
-    r = _setup(recipe, d, device, owner)
+def _run(recipe: Recipe, d: Dist, device: torch.device, policy: Precision, argv,
+         owner: rundir.RunDir | None) -> dict:
+    r = _setup(recipe, d, device, policy, owner)
     reason = _already_done(r)  # a finished run resumed again (a requeued job) trains no further
     while reason is None:
         r.train.set_epoch(r.p.epoch)
@@ -433,7 +447,7 @@ def _run(recipe: Recipe, d: Dist, device: torch.device, argv, owner: rundir.RunD
     return _finish(r, reason, argv)
 
 
-def _setup(recipe: Recipe, d: Dist, device: torch.device, owner: rundir.RunDir | None) -> _Run:
+def _setup(recipe: Recipe, d: Dist, device: torch.device, policy: Precision, owner: rundir.RunDir | None) -> _Run:
     cfg = recipe.train
     torch.manual_seed(cfg.seed + d.rank)
     random.seed(cfg.seed + d.rank)
@@ -447,6 +461,7 @@ def _setup(recipe: Recipe, d: Dist, device: torch.device, owner: rundir.RunDir |
     test = _data(TokenDataset(folder, "test"), cfg, d, train=False, pin=pin) if "test" in manifest["splits"] else None
 
     model = build_model(recipe.model, manifest["vocab_size"]).to(device)
+    policy.apply(model)  # the output layer in the policy's dtype, before DDP wraps it
     ddp = model
     if d.world > 1:
         # an adaptive softmax's tail cluster gets no gradient on a rank whose batch has no target in it
@@ -462,7 +477,7 @@ def _setup(recipe: Recipe, d: Dist, device: torch.device, owner: rundir.RunDir |
     out_dir = cfg.output_dir
     r = _Run(recipe=recipe, d=d, device=device, model=model, ddp=ddp, optimizer=optimizer, lr_at=LRSchedule(cfg),
              train=train, val=val, test=test, meta=meta, out_dir=out_dir, metrics=None, report=None,
-             stop=_Stop(announce=d.main), average=average)
+             stop=_Stop(announce=d.main), average=average, policy=policy, scaler=policy.grad_scaler())
     resumed = _agreed(d, lambda: _resume(r, owner))
     if owner is not None:
         owner.start()
@@ -475,6 +490,7 @@ def _setup(recipe: Recipe, d: Dist, device: torch.device, owner: rundir.RunDir |
               f"{'windows' if cfg.mode == 'stream' else 'batches'}/epoch/rank | device {device}"
               f"{f' | world {d.world}' if d.world > 1 else ''}"
               f"{f' | resumed from {resumed} at step {r.p.step}' if resumed else ''}", file=sys.stderr)
+        print(policy.description, file=sys.stderr)
     r.metrics = _Metrics(out_dir / "metrics.jsonl", d.main, append=resumed is not None)
     r.clock0 = time.perf_counter() - r.p.elapsed
     r.report = _Reporter(r)
@@ -504,13 +520,9 @@ def _step(r: _Run, batch: PackedBatch, lr_scale: float) -> None:
     for g in r.optimizer.param_groups:
         g["lr"] = lr
     # loss per real target token of the whole global batch: rank sums / global count, times
-    # world because DDP averages gradients over ranks. Stream windows are equal on every
-    # rank, so the global count is known without asking the others.
-    if r.train.carries_state:
-        global_tokens = batch.num_tokens * d.world
-    else:
-        (global_tokens,) = d.all_sum(batch.num_tokens)
-    with _autocast(r.device, cfg.amp):
+    # world because DDP averages gradients over ranks; every rank knows the global count
+    global_tokens = r.train.global_tokens(p.consumed, batch, d.world)
+    with r.policy.autocast():
         out = r.ddp(batch, r.carry, teacher_forcing=tf, sample=cfg.teacher_forcing.sample,
                     need_state=r.train.carries_state, need_logits=False)
     if r.train.carries_state:
@@ -518,9 +530,15 @@ def _step(r: _Run, batch: PackedBatch, lr_scale: float) -> None:
     # out.reg: AR/TAR, a per-rank mean that DDP's gradient averaging makes the mean over ranks
     loss = out.nll_sum * (d.world / global_tokens) + out.reg
     r.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    r.scaler.scale(loss).backward()
+    r.scaler.unscale_(r.optimizer)  # a pass-through unless fp16 (lm/precision.py)
     grad_norm = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-    if torch.isfinite(grad_norm):  # the step's one host sync
+    if r.policy.scaler:  # fp16: the scaler skips a non-finite step and lowers its scale itself
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+        if r.average is not None:
+            r.average.update()
+    elif torch.isfinite(grad_norm):  # the step's one host sync
         r.optimizer.step()
         if r.average is not None:
             r.average.update()
@@ -598,7 +616,7 @@ def _finish(r: _Run, reason: str, argv) -> dict:
         if d.world > 1:
             dist.barrier()  # rank 0 has written best.pt
         r.model.load_state_dict(checkpoint.load(best, map_location=r.device)["model"])
-        nll, tokens = evaluate(r.model, r.test, r.device, d, r.cfg.amp)
+        nll, tokens = evaluate(r.model, r.test, r.device, d, r.policy)
         result["test_ppl"] = _ppl(nll, tokens)
         result["test_tokens"] = tokens
         r.metrics.write({"step": p.step, "split": "test", "loss": nll / tokens, "ppl": result["test_ppl"],
@@ -679,7 +697,7 @@ def _validate(r: _Run) -> float:
     if p.last_val_step == p.step:
         return p.last_val_loss
     with r.average.swapped() if r.average is not None else contextlib.nullcontext():
-        nll, tokens = evaluate(r.model, r.val, r.device, r.d, r.cfg.amp)
+        nll, tokens = evaluate(r.model, r.val, r.device, r.d, r.policy)
         loss = nll / tokens
         improved = loss < p.best_val
         if improved:

@@ -62,7 +62,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     Resuming (see :meth:`state_dict`): the sampler counts batches of the current epoch
     as it yields them; ``load_state_dict`` makes the next pass start at the saved
     position without replaying anything, since the plan is recomputed from
-    ``(lengths, seed, epoch, rank)``.
+    ``(lengths, seed, epoch, rank)`` — also on another number of ranks, which get the
+    rest of the epoch re-dealt. Since every rank can compute every rank's batches,
+    :meth:`global_counts` gives a step's total sequences and tokens without a collective.
 
     Args:
         lengths: one integer length per sequence (list, array, tensor, ...).
@@ -142,7 +144,11 @@ class BucketBatchSampler(Sampler[list[int]]):
 
         self._position = 0  # batches of this epoch delivered (yielded, or restored by load_state_dict)
         self._resume = False  # next pass starts at _position instead of 0
-        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        # After a resume on another number of ranks: (num_replicas, first batch) per stretch
+        # of the epoch ``_segments_epoch`` run at that width, oldest first (see load_state_dict).
+        self._segments: tuple[tuple[int, int], ...] = ((num_replicas, 0),)
+        self._segments_epoch = -1
+        self._cache: tuple[tuple, tuple] | None = None
 
     # ------------------------------------------------------------------ plan
 
@@ -174,14 +180,14 @@ class BucketBatchSampler(Sampler[list[int]]):
             sizes[int(rng.integers(full + 1)) if rng is not None else full] = rem
         return np.concatenate(([0], np.cumsum(sizes)))
 
-    def _split_to_multiple(self, cuts: np.ndarray) -> np.ndarray:
+    def _split_to_multiple(self, cuts: np.ndarray, num_replicas: int) -> np.ndarray:
         """Split the largest batches in two until the count divides by ``num_replicas``."""
-        need = -(len(cuts) - 1) % self.num_replicas
+        need = -(len(cuts) - 1) % num_replicas
         if need == 0:
             return cuts
         if self.lengths.size < len(cuts) - 1 + need:
             raise ValueError(
-                f"cannot give {self.num_replicas} replicas the same number of batches: {self.lengths.size} "
+                f"cannot give {num_replicas} replicas the same number of batches: {self.lengths.size} "
                 f"sequences make {len(cuts) - 1} batches, and splitting needs {len(cuts) - 1 + need}; "
                 "use drop_last=True, a smaller batch, or fewer replicas"
             )
@@ -209,12 +215,15 @@ class BucketBatchSampler(Sampler[list[int]]):
                     f"{self.lengths.size} sequences make {nb} full batch(es)"
                 )
             return per_rank
-        return (len(self._split_to_multiple(cuts)) - 1) // self.num_replicas
+        return (len(self._split_to_multiple(cuts, self.num_replicas)) - 1) // self.num_replicas
 
-    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's batches for ``epoch``: the sweep order (n,) and (k, 2) start/stop rows."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1], self._cache[2]
+    def _global_plan(self, epoch: int, num_replicas: int) -> tuple[np.ndarray, np.ndarray]:
+        """All ranks' batches of ``epoch`` for ``num_replicas`` ranks, in dealing order.
+
+        Returns:
+            ``(order, bounds)``: the sweep order (n,) and (nb, 2) start/stop rows in it;
+            ``nb`` divides by ``num_replicas`` and batch ``i`` goes to rank ``i % num_replicas``.
+        """
         n = self.lengths.size
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         if rng is not None:
@@ -224,24 +233,127 @@ class BucketBatchSampler(Sampler[list[int]]):
             order = np.argsort(self._key, kind="stable")
         cuts = self._cuts(rng)
         if not self.drop_last:
-            cuts = self._split_to_multiple(cuts)
+            cuts = self._split_to_multiple(cuts, num_replicas)
         bounds = np.stack((cuts[:-1], cuts[1:]), axis=1)  # (nb, 2) start/stop in the sweep
         if self.drop_last and self._fixed_cuts is None and n % self.batch_size:
             bounds = bounds[bounds[:, 1] - bounds[:, 0] == self.batch_size]  # the short remainder goes
         if rng is not None:
             bounds = bounds[rng.permutation(len(bounds))]
-        bounds = bounds[: len(bounds) - len(bounds) % self.num_replicas]  # drop_last tail; no-op otherwise
-        mine = bounds[self.rank :: self.num_replicas]  # (len(self), 2)
-        self._cache = (epoch, order, mine)
-        return order, mine
+        return order, bounds[: len(bounds) - len(bounds) % num_replicas]  # drop_last tail; no-op otherwise
+
+    def _redeal(self, rest: np.ndarray, num_replicas: int, epoch: int) -> np.ndarray:
+        """The unconsumed batches of an epoch, made a multiple of ``num_replicas`` (elastic resume).
+
+        ``drop_last=True`` drops the last ``len(rest) % num_replicas``; otherwise the batch
+        with the most rows (ties: the earliest) is split in halves, in place, until the
+        count divides — as for a fresh plan, so every sequence is still seen once.
+        """
+        if self.drop_last:
+            return rest[: len(rest) - len(rest) % num_replicas]
+        rows = list((rest[:, 1] - rest[:, 0]).tolist())
+        out = rest.tolist()
+        for _ in range(-len(out) % num_replicas):
+            i = int(np.argmax(rows))
+            if rows[i] < 2:
+                raise ValueError(
+                    f"cannot deal the rest of epoch {epoch} ({len(out)} batches of one sequence) to "
+                    f"{num_replicas} replicas equally; resume with the saved number of ranks, or from an epoch boundary"
+                )
+            s, e = out[i]
+            mid = s + (e - s + 1) // 2
+            out[i : i + 1] = [[s, mid], [mid, e]]
+            rows[i : i + 1] = [mid - s, e - mid]
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The epoch as this process deals it, after any change of ``num_replicas`` mid-epoch.
+
+        Returns:
+            ``(order, bounds, csum, steps_before)``: the sweep order (n,); every batch of
+            the epoch in dealing order (nb, 2); the cumulative lengths along the sweep
+            (n + 1,); and how many steps of this epoch ran before the current number of
+            ranks took over (0 unless resumed from another world size). This rank's
+            batches are ``bounds[start + rank :: num_replicas]`` with ``start`` the last
+            segment's first batch.
+        """
+        segments = self._segments if epoch == self._segments_epoch else ((self.num_replicas, 0),)
+        if self._cache is not None and self._cache[0] == (epoch, segments):
+            return self._cache[1]
+        order, bounds = self._global_plan(epoch, segments[0][0])
+        steps_before = 0
+        for (r_prev, g_prev), (r, g) in zip(segments, segments[1:]):
+            steps_before += (g - g_prev) // r_prev
+            bounds = np.concatenate((bounds[:g], self._redeal(bounds[g:], r, epoch)))
+        csum = np.concatenate(([0], np.cumsum(self.lengths[order])))  # (n + 1,)
+        plan = (order, bounds, csum, steps_before)
+        self._cache = ((epoch, segments), plan)
+        return plan
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """This rank's batches for ``epoch``: the sweep order (n,), (k, 2) start/stop rows, and
+        the step of the epoch its first batch is (``steps_before``)."""
+        order, bounds, _, steps_before = self._epoch_plan(epoch)
+        start = self._segment_start(epoch)
+        return order, bounds[start + self.rank :: self.num_replicas], steps_before
+
+    def _segment_start(self, epoch: int) -> int:
+        return self._segments[-1][1] if epoch == self._segments_epoch else 0
 
     def plan(self, epoch: int | None = None) -> list[list[int]]:
         """All of this rank's batches for ``epoch`` (default: the current one), without iterating.
 
-        Pure: it does not move the resume position.
+        Pure: it does not move the resume position. After :meth:`load_state_dict` from a
+        run with another number of ranks, the resumed epoch's plan is this rank's share of
+        the rest of that epoch.
         """
-        order, mine = self._plan(self.epoch if epoch is None else epoch)
+        order, mine, _ = self._plan(self.epoch if epoch is None else epoch)
         return [order[s:e].tolist() for s, e in mine.tolist()]
+
+    def global_counts(self, step: int) -> tuple[int, int]:
+        """Sequences and tokens (sum of ``lengths``) in step ``step`` of the current epoch, over ALL ranks.
+
+        Every rank can compute it without a collective, since the plan is a pure function
+        of ``(lengths, seed, epoch)``. With shifted targets (the collator's ``shift=True``)
+        the step predicts ``tokens - sequences`` tokens in all.
+
+        Args:
+            step: the step within the epoch, counted as :attr:`position` counts (the batch
+                a rank is about to train on is step ``position - 1`` once yielded).
+
+        Returns:
+            ``(sequences, tokens)``.
+        """
+        _, bounds, csum, steps_before = self._epoch_plan(self.epoch)
+        if not 0 <= step < self.epoch_length:
+            raise ValueError(f"step must be in [0, {self.epoch_length}), got {step}")
+        first, width = self._step_start(step)
+        b = bounds[first : first + width]  # (width, 2)
+        return int((b[:, 1] - b[:, 0]).sum()), int((csum[b[:, 1]] - csum[b[:, 0]]).sum())
+
+    def _step_start(self, step: int) -> tuple[int, int]:
+        """Index of the first batch of ``step`` in the epoch's dealing order, and the ranks then."""
+        first, width, _ = self._locate(step)
+        return first, width
+
+    def _locate(self, step: int) -> tuple[int, int, int]:
+        """Where ``step`` (``0..epoch_length``) falls: its first batch in the epoch's dealing
+        order, the number of ranks then, and how many segments had begun by then."""
+        segments = self._segments if self.epoch == self._segments_epoch else ((self.num_replicas, 0),)
+        done = 0
+        for i, (r, g) in enumerate(segments):
+            span = (segments[i + 1][1] - g) // r if i + 1 < len(segments) else None
+            if span is None or step < done + span:
+                return g + (step - done) * r, r, i + 1
+            done += span
+        raise AssertionError("unreachable")
+
+    @property
+    def epoch_length(self) -> int:
+        """Steps of the current epoch for this rank: ``len(self)``, unless the epoch was
+        resumed on another number of ranks (then the steps before plus this rank's share
+        of the rest)."""
+        _, mine, steps_before = self._plan(self.epoch)
+        return steps_before + len(mine)
 
     # ------------------------------------------------------------- iteration
 
@@ -250,11 +362,11 @@ class BucketBatchSampler(Sampler[list[int]]):
         return self._num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = self._position if self._resume else 0
+        order, mine, steps_before = self._plan(self.epoch)
+        start = self._position if self._resume else steps_before
         self._resume = False
         self._position = start
-        order, mine = self._plan(self.epoch)
-        for s, e in mine[start:].tolist():
+        for s, e in mine[start - steps_before :].tolist():
             self._position += 1  # counted before the yield: the caller holds the batch from now on
             yield order[s:e].tolist()
 
@@ -268,6 +380,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             self.epoch = epoch
             self._position = 0
             self._resume = False
+            self._segments, self._segments_epoch = ((self.num_replicas, 0),), -1
 
     @property
     def position(self) -> int:
@@ -286,7 +399,6 @@ class BucketBatchSampler(Sampler[list[int]]):
             "shuffle": self.shuffle,
             "seed": self.seed,
             "drop_last": self.drop_last,
-            "num_replicas": self.num_replicas,
         }
 
     def state_dict(self, batches_consumed: int | None = None) -> dict[str, Any]:
@@ -310,37 +422,69 @@ class BucketBatchSampler(Sampler[list[int]]):
 
         With ``num_workers=0`` the default (``None``: the sampler's own count) is exact.
         The state does not depend on the rank: in DDP every rank is at the same
-        position, so rank 0's state can be loaded on all ranks. A state saved after the
-        last batch has ``position == len(sampler)``: loading it makes the next pass of
-        that epoch empty, and ``set_epoch(epoch + 1)`` starts the next one.
+        position, so rank 0's state can be loaded on all ranks. It also holds the
+        position as a global count (``consumed``: batches of the epoch taken by all
+        ranks together), so it loads on another number of ranks too (see
+        :meth:`load_state_dict`). A state saved after the last batch has ``position ==
+        epoch_length``: loading it makes the next pass of that epoch empty, and
+        ``set_epoch(epoch + 1)`` starts the next one.
 
         Args:
-            batches_consumed: batches of the current epoch the trainer has consumed, in
-                ``[0, len(self)]``; ``None`` uses the sampler's own count.
+            batches_consumed: steps of the current epoch the trainer has consumed, in
+                ``[0, epoch_length]``; ``None`` uses the sampler's own count.
 
         Returns:
-            ``{"epoch", "position", "config"}``, plain Python values.
+            ``{"epoch", "position", "consumed", "num_replicas", "segments", "config"}``,
+            plain Python values.
         """
         pos = self._position if batches_consumed is None else int(batches_consumed)
-        if not 0 <= pos <= len(self):
-            raise ValueError(f"batches_consumed must be in [0, {len(self)}], got {batches_consumed}")
-        return {"epoch": self.epoch, "position": pos, "config": self._config()}
+        if not 0 <= pos <= self.epoch_length:
+            raise ValueError(f"batches_consumed must be in [0, {self.epoch_length}], got {batches_consumed}")
+        # a position before a change of ranks (e.g. 0 of an epoch a trainer has just finished)
+        # keeps only the segments begun by then
+        consumed, width, begun = self._locate(pos)
+        segments = (self._segments if self.epoch == self._segments_epoch else ((self.num_replicas, 0),))[:begun]
+        return {"epoch": self.epoch, "position": pos, "consumed": consumed, "num_replicas": width,
+                "segments": [list(x) for x in segments], "config": self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`: the next pass starts at its epoch and position.
 
+        The state may come from a run with another ``num_replicas`` (an elastic restart,
+        or ``torchrun`` with another ``--nproc_per_node``): the batches of the epoch all
+        ranks had consumed stay consumed, and the rest of that epoch's plan — the same
+        batches, the largest ones split in halves when their count does not divide by
+        the new number of ranks (``drop_last=True``: the last few dropped instead) — is
+        dealt round-robin to the new ranks, so every sequence is still seen exactly once
+        in the epoch. Later epochs are planned for the new number of ranks as usual.
+
         Raises:
             ValueError: the state was saved by a sampler with other lengths or options
-                (seed included), so its plan would differ.
+                (seed included), so its plan would differ; or the rest of the epoch has
+                fewer sequences than the new ranks need to get one batch each.
         """
+        saved_config = dict(state["config"])
+        saved_replicas = int(state.get("num_replicas", saved_config.pop("num_replicas", self.num_replicas)))
+        saved_config.pop("num_replicas", None)  # states before elastic resume kept it in the config
         mine = self._config()
-        diff = {k: (v, mine.get(k)) for k, v in state["config"].items() if mine.get(k) != v}
-        if diff or set(mine) != set(state["config"]):
+        diff = {k: (v, mine.get(k)) for k, v in saved_config.items() if mine.get(k) != v}
+        if diff or set(mine) != set(saved_config):
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"sampler state does not match this sampler ({detail or 'different keys'})")
-        pos = int(state["position"])
-        if not 0 <= pos <= len(self):
-            raise ValueError(f"saved position {pos} outside [0, {len(self)}]")
-        self.epoch = int(state["epoch"])
+        epoch, pos = int(state["epoch"]), int(state["position"])
+        segments = [tuple(map(int, x)) for x in state.get("segments", [(saved_replicas, 0)])]
+        consumed = int(state.get("consumed", pos * saved_replicas))
+        if segments[-1][0] != self.num_replicas:
+            segments.append((self.num_replicas, consumed))
+        old = (self.epoch, self._position, self._segments, self._segments_epoch, self._cache)
+        self.epoch, self._segments, self._segments_epoch = epoch, tuple(segments), epoch
+        try:
+            _, mine_batches, steps_before = self._plan(epoch)  # raises if the rest cannot be dealt
+        except ValueError:
+            self.epoch, self._position, self._segments, self._segments_epoch, self._cache = old
+            raise
+        if not steps_before <= pos <= steps_before + len(mine_batches):
+            self.epoch, self._position, self._segments, self._segments_epoch, self._cache = old
+            raise ValueError(f"saved position {pos} outside [{steps_before}, {steps_before + len(mine_batches)}]")
         self._position = pos
         self._resume = True

@@ -1,7 +1,14 @@
 """Shared fixtures: the real corpora in ../shared/data (skipped when absent), a tiny-recipe
-factory, and WikiText-2 prepared once per session for every test that needs real data."""
+factory, and WikiText-2 prepared once per session for every test that needs real data.
+
+Two switches:
+- ``RNNLM_REQUIRE_DATA=1`` (set by ``.ci/run``) turns "the corpus is absent" into a test
+  failure, so CI cannot pass by skipping the real-data tests.
+- Tests marked ``@pytest.mark.cuda`` are skipped without a CUDA GPU.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,11 +18,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 
-def _corpus(name: str) -> Path:
-    folder = DATA_DIR / name
+REQUIRE_DATA = "RNNLM_REQUIRE_DATA"
+
+
+def data_required() -> bool:
+    """Whether absent corpora fail the tests that need them (``RNNLM_REQUIRE_DATA`` set, not 0/empty)."""
+    return os.environ.get(REQUIRE_DATA, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _corpus(name: str, data_dir: Path | None = None) -> Path:
+    folder = (DATA_DIR if data_dir is None else data_dir) / name
     if not (folder / "train.txt").is_file():
-        pytest.skip(f"{folder}/train.txt is absent (the real corpora live in ../shared/data, see its README.md)")
+        why = f"{folder}/train.txt is absent (the real corpora live in ../shared/data, see its README.md)"
+        if data_required():
+            pytest.fail(f"{why}; {REQUIRE_DATA} is set, so this is a failure, not a skip", pytrace=False)
+        pytest.skip(why)
     return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.cuda`` tests when there is no CUDA GPU."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in cuda_items:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

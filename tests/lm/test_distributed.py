@@ -34,7 +34,7 @@ def ppl_of(model, ds: TokenDataset, *, world: int) -> float:
         sampler = BucketBatchSampler(ds.lengths, max_tokens=MAX_TOKENS, shuffle=False, seed=SEED,
                                      num_replicas=world, rank=rank)
         loader = DataLoader(ds, batch_sampler=sampler, collate_fn=PackedCollator(pad_id=0))
-        n, t = evaluate(model, loader, torch.device("cpu"), Dist(), amp=False)
+        n, t = evaluate(model, loader, torch.device("cpu"), Dist())
         nll, tokens = nll + n, tokens + t
     return math.exp(nll / tokens)
 
@@ -109,3 +109,112 @@ def test_replica_check_is_free_in_one_process():
     d = Dist()
     d.all_gather = lambda obj: pytest.fail("one process gathers nothing")
     _check_replicas(tiny_model(), d)
+
+
+# --------------------------------------------------------------------------- adaptive softmax under DDP
+
+
+def test_torchrun_two_ranks_adaptive_softmax_with_tiny_batches(toy_recipe, toy_prepared, lm_env):
+    """One sentence per batch: a rank whose batch has no target in a tail cluster leaves
+    that cluster's weights without a gradient. DDP must be told (``find_unused_parameters``),
+    else the next step fails with "Expected to have finished reduction in the prior iteration"."""
+    manifest = json.loads((toy_prepared / "manifest.json").read_text())
+    vocab = manifest["vocab_size"]
+    cutoffs = [8, vocab - 6]  # the last cluster: the 6 rarest words
+    train = TokenDataset(toy_prepared, "train")
+    steps = 6
+    plans = [BucketBatchSampler(train.lengths, max_tokens=16, seed=SEED, num_replicas=2, rank=r).plan(0) for r in (0, 1)]
+    tail_hit = [any(int(t) >= cutoffs[-1] for i in batch for t in train[i][1:]) for p in plans for batch in p[:steps]]
+    assert not all(tail_hit)  # the condition that crashed: a rank's batch without a target in the last cluster
+    path = toy_recipe("ddp_adaptive", model={"adaptive_cutoffs": cutoffs},
+                      train={"epochs": None, "max_steps": steps, "max_tokens": 16, "eval_every": None})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lm.train", str(path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=lm_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Expected to have finished reduction" not in proc.stderr and "replicas diverged" not in proc.stderr
+    result = json.loads((path.parent / "ddp_adaptive" / "result.json").read_text())
+    assert result["steps"] == steps and math.isfinite(result["best_val_ppl"])
+
+
+# --------------------------------------------------------------------------- no best checkpoint
+
+
+NAN_VALIDATION = """
+import math, os, sys
+import lm.train
+
+_evaluate = lm.train.evaluate
+
+
+def nan_evaluate(*args, **kwargs):  # every validation non-finite: rank 0 never writes best.pt
+    nll, tokens = _evaluate(*args, **kwargs)  # the collective still runs
+    return math.nan, tokens
+
+
+lm.train.evaluate = nan_evaluate
+code = lm.train.main(sys.argv[1:])
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(code)  # as lm.train's __main__ under torchrun
+"""
+
+
+def run_killable(cmd, timeout: float, **kw) -> subprocess.CompletedProcess | None:
+    """``subprocess.run`` in its own process group, killed whole on timeout (``None``):
+    torchrun's workers must not outlive a hung test."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_torchrun_finishes_when_no_validation_was_finite(toy_recipe, lm_env, tmp_path):
+    script = tmp_path / "nan_validation.py"
+    script.write_text(NAN_VALIDATION)
+    path = toy_recipe("ddp_nan", train={"epochs": None, "max_steps": 3, "eval_every": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(path)]
+    proc = run_killable(cmd, timeout=60, cwd=REPO_ROOT, env=lm_env)  # a normal run takes ~10 s
+    assert proc is not None, "the ranks hung (rank 0 had no best.pt, rank 1 waited in barrier)"  # NCCL's way
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = path.parent / "ddp_nan"
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 3 and result["best_val_ppl"] is None and "test_ppl" not in result
+    assert not (out / "checkpoints" / "best.pt").exists()
+
+
+# --------------------------------------------------------------------------- resume on another number of ranks
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_trains_every_sequence_once(toy_recipe, toy_prepared, lm_env, before, after):
+    """Stop after 3 steps on ``before`` ranks, finish the epoch on ``after``: the epoch's
+    predicted tokens are exactly the training split's (each sequence once)."""
+    path = toy_recipe(f"elastic{before}{after}", train={"epochs": 1, "max_steps": 3, "checkpoint_every": 3, "eval_every": None})
+
+    def launch(world: int, *overrides: str) -> subprocess.CompletedProcess:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)] if world > 1 \
+            else [sys.executable]
+        proc = subprocess.run([*head, "-m", "lm.train", str(path), *overrides], cwd=REPO_ROOT, env=lm_env,
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    launch(before)
+    out = path.parent / f"elastic{before}{after}"
+    first = json.loads((out / "result.json").read_text())
+    assert first["steps"] == 3 and first["stopped_by"] == "max_steps"
+    launch(after, "train.resume=auto", "train.max_steps=null")
+    result = json.loads((out / "result.json").read_text())
+    train = TokenDataset(toy_prepared, "train")
+    assert result["stopped_by"] == "epochs" and result["tokens"] == train.num_tokens
+    lengths = train.lengths
+    saved = BucketBatchSampler(lengths, max_tokens=MAX_TOKENS, seed=SEED, num_replicas=before)
+    rest = len(saved._global_plan(0, before)[1]) - 3 * before  # batches left after 3 steps
+    assert result["steps"] == 3 + -(-rest // after)  # the rest, split if needed, dealt to `after` ranks

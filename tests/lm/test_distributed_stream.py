@@ -49,7 +49,7 @@ def test_two_ranks_stream_mode_and_resume(toy_recipe, toy_prepared, lm_env):
     model, _ = lm.generate.load_model(str(out / "checkpoints" / "step-00000004.pt"))
     data = _data(TokenDataset(toy_prepared, "validation"), TrainConfig(**{**STREAM, "max_steps": 4}), Dist(),
                  train=False, pin=False)
-    nll, tokens = evaluate(model, data, torch.device("cpu"), Dist(), amp=False)
+    nll, tokens = evaluate(model, data, torch.device("cpu"), Dist())
     assert val["tokens"] == tokens == TokenDataset(toy_prepared, "validation").num_tokens
     assert val["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 

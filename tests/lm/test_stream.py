@@ -27,7 +27,7 @@ LSTM = {"cell": "lstm", "num_layers": 2, "dropout_emb": 0.1, "dropout_rnn": 0.2,
 def stream_ppl(model, prepared, split: str, streams: int, bptt: int) -> tuple[float, int]:
     cfg = TrainConfig(mode="stream", eval_batch_size=streams, bptt=bptt)
     nll, tokens = evaluate(model, _data(TokenDataset(prepared, split), cfg, Dist(), train=False, pin=False),
-                           torch.device("cpu"), Dist(), amp=False)
+                           torch.device("cpu"), Dist())
     return math.exp(nll / tokens), tokens
 
 

@@ -208,7 +208,7 @@ def test_non_integer_ids_are_rejected():
 # ---------------------------------------------------------- batch methods
 
 
-def test_padded_to_and_pin_memory():
+def test_padded_and_to():
     batch = PackedCollator(pad_id=9, shift=True)([[1, 2, 3], [4, 5, 6, 7, 8], [3, 1]])
     ids, lengths, mask = batch.padded()
     assert ids.tolist() == [[1, 2, 9, 9], [4, 5, 6, 7], [3, 9, 9, 9]]
@@ -220,11 +220,79 @@ def test_padded_to_and_pin_memory():
     assert torch.equal(moved.inputs.data, batch.inputs.data) and torch.equal(moved.targets.data, batch.targets.data)
     assert moved.lengths.device.type == "cpu" and moved.indices.device.type == "cpu"
 
-    pinned = batch.pin_memory()  # a no-op without an accelerator (tensor.pin_memory() would raise)
-    assert isinstance(pinned, PackedBatch)
-    for a, b in [(pinned.inputs, batch.inputs), (pinned.targets, batch.targets)]:
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert torch.equal(pinned.lengths, batch.lengths) and torch.equal(pinned.indices, batch.indices)
+
+def _tensors(batch) -> dict[str, torch.Tensor]:
+    """Every tensor a batch holds, by name (PackedSequence fields flattened)."""
+    out = {}
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.nn.utils.rnn.PackedSequence):
+            out.update({f"{name}.{k}": v for k, v in value._asdict().items() if v is not None})
+        elif isinstance(value, torch.Tensor):
+            out[name] = value
+    return out
+
+
+PIN_EXEMPT = {"inputs.batch_sizes", "targets.batch_sizes"}  # PackedSequence keeps batch_sizes as is (torch's design)
+
+
+def _batches():
+    return [PackedCollator(pad_id=9, shift=True)([[1, 2, 3], [4, 5, 6, 7, 8], [3, 1]]),
+            PadCollator(pad_id=0, shift=True)([[1, 2, 3], [4, 5]])]
+
+
+@pytest.mark.parametrize("batch", _batches(), ids=["packed", "padded"])
+def test_pin_memory_pins_every_tensor_with_an_accelerator(batch, monkeypatch):
+    """The pinning code itself, on any machine: with an accelerator every tensor is
+    replaced by its pinned copy (``Tensor.pin_memory`` recorded), values and pad_id kept."""
+    pinned_ids = set()
+
+    def fake_pin(t: torch.Tensor) -> torch.Tensor:
+        copy = t.clone()
+        pinned_ids.add(id(copy))
+        return copy
+
+    monkeypatch.setattr("pipeline.collate._accelerator_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = batch.pin_memory()
+    assert type(out) is type(batch) and out is not batch and getattr(out, "pad_id", 0) == getattr(batch, "pad_id", 0)
+    before, after = _tensors(batch), _tensors(out)
+    assert before.keys() == after.keys()
+    for name, t in after.items():
+        assert torch.equal(t, before[name])
+        assert (id(t) in pinned_ids) == (name not in PIN_EXEMPT), name
+
+
+@pytest.mark.parametrize("batch", _batches(), ids=["packed", "padded"])
+def test_pin_memory_without_an_accelerator_returns_the_batch(batch, monkeypatch):
+    monkeypatch.setattr("pipeline.collate._accelerator_available", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pytest.fail("pinned without an accelerator"))
+    assert batch.pin_memory() is batch
+
+
+def test_pin_memory_real_call_on_this_machine():
+    """The real path, unpatched: pins where torch can, returns the batch where torch would raise."""
+    from pipeline.collate import _accelerator_available
+
+    for batch in _batches():
+        out = batch.pin_memory()
+        if _accelerator_available():
+            assert all(t.is_pinned() for name, t in _tensors(out).items() if name not in PIN_EXEMPT)
+        else:
+            with pytest.raises(RuntimeError):
+                torch.empty(1).pin_memory()  # why the method must not call it here
+            assert out is batch
+
+
+@pytest.mark.cuda
+def test_pin_memory_on_cuda_is_page_locked_and_copies_asynchronously():
+    for batch in _batches():
+        out = batch.pin_memory()
+        tensors = _tensors(out)
+        assert all(t.is_pinned() for name, t in tensors.items() if name not in PIN_EXEMPT)
+        moved = out.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
+        for name, t in _tensors(moved).items():
+            assert torch.equal(t.cpu(), tensors[name]), name
 
 
 def test_pad_collator_exact():
@@ -237,7 +305,6 @@ def test_pad_collator_exact():
     plain = PadCollator(pad_id=7, shift=False)([np.array([1, 2], dtype=np.uint16), np.array([3], dtype=np.uint16)])
     assert plain.inputs.tolist() == [[1, 2], [3, 7]] and plain.targets is None
     assert plain.inputs.dtype == torch.int64 and plain.mask.tolist() == [[True, True], [True, False]]
-    assert torch.equal(plain.pin_memory().inputs, plain.inputs)
 
 
 def test_packed_and_padded_agree():
@@ -267,6 +334,8 @@ class _Views(Dataset):
 
 @pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
 def test_dataloader_with_workers_and_pin_memory():
+    """With CUDA the loader's pin thread calls PackedBatch.pin_memory (checked); without,
+    torch disables pinning and warns."""
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 1000, n).tolist() for n in rng.integers(2, 40, 97)]
     data = _Views(seqs)
@@ -282,6 +351,7 @@ def test_dataloader_with_workers_and_pin_memory():
         assert torch.equal(batch.inputs.data, want.inputs.data) and torch.equal(batch.targets.data, want.targets.data)
         assert torch.equal(batch.inputs.batch_sizes, want.inputs.batch_sizes)
         assert batch.indices.tolist() == list(range(len(ids)))  # the sampler already sorts longest first
+        assert batch.inputs.data.is_pinned() == torch.cuda.is_available()
     assert sum(b.num_tokens for b in got) == sum(len(s) - 1 for s in seqs)
 
 

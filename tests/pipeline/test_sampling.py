@@ -1,8 +1,6 @@
 """BucketBatchSampler: exact plans, invariants over many configurations, resume, DataLoader."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,8 +8,6 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.sampling import BucketBatchSampler
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 # Sweep (longest first, ties by index): 3(8) 8(7) 0(5) 9(4) 1(3) 2(3) 5(2) 6(2) 7(2) 4(1)
 LENS = [5, 3, 3, 8, 1, 2, 2, 2, 7, 4]
@@ -250,9 +246,8 @@ def test_prefetching_loader_resumes_from_batches_consumed():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "wikitext-2" / "train.txt").is_file(), reason=f"no {DATA}/wikitext-2/train.txt")
-def test_padding_efficiency_on_wikitext2():
-    with open(DATA / "wikitext-2" / "train.txt", encoding="utf-8") as f:
+def test_padding_efficiency_on_wikitext2(wikitext2):
+    with open(wikitext2 / "train.txt", encoding="utf-8") as f:
         lengths = np.array([len(line.split()) + 2 for line in f])  # <bos> words <eos>
     assert lengths.size == 36718
     s = BucketBatchSampler(lengths, batch_size=32, seed=0)
@@ -262,3 +257,141 @@ def test_padding_efficiency_on_wikitext2():
         padded = sum(len(b) * int(lengths[b].max()) for b in plan)
         assert real == lengths.sum()
         assert real / padded >= 0.99, (epoch, real / padded)
+
+
+# ------------------------------------------------- elastic resume, global counts
+
+
+def _consume(lengths, world: int, steps: int, epoch: int = 0, state=None, **kw):
+    """Run ``world`` ranks for ``steps`` steps of ``epoch`` (all of it when ``steps`` is None),
+    from ``state`` if given: (indices seen per step, the state after, the samplers)."""
+    samplers = [BucketBatchSampler(lengths, num_replicas=world, rank=r, **kw) for r in range(world)]
+    for s in samplers:
+        if state is not None:
+            s.load_state_dict(state)
+        s.set_epoch(epoch)
+    its = [iter(s) for s in samplers]
+    seen = []
+    for _ in range(steps if steps is not None else samplers[0].epoch_length - samplers[0].position):
+        seen.append([next(it) for it in its])
+    lengths_ok = {s.epoch_length for s in samplers}
+    assert len(lengths_ok) == 1  # every rank has the same number of steps: DDP does not hang
+    return seen, samplers[0].state_dict(), samplers
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (3, 2), (2, 3), (2, 4)])
+@pytest.mark.parametrize("kw", [dict(batch_size=7), dict(max_tokens=60, shuffle=False), dict(max_tokens=80, cost="padded")])
+def test_resume_on_another_number_of_ranks_sees_every_sequence_once(before, after, kw):
+    lengths = np.random.default_rng(5).integers(1, 30, 211)
+    kw = dict(seed=3, **kw)
+    head, state, _ = _consume(lengths, before, 4, epoch=2, **kw)
+    assert state["consumed"] == 4 * before and state["num_replicas"] == before
+    tail, end, resumed = _consume(lengths, after, None, epoch=2, state=state, **kw)
+    assert resumed[0].position == resumed[0].epoch_length == 4 + len(tail)
+    seen = [i for step in head + tail for batch in step for i in batch]
+    assert sorted(seen) == list(range(len(lengths)))  # exactly once each
+    # the rest is the old plan's rest: the same batches, split only to divide among the ranks
+    old = BucketBatchSampler(lengths, num_replicas=before, rank=0, **kw)._global_plan(2, before)
+    rest = [sorted(old[0][s:e].tolist()) for s, e in old[1][4 * before:].tolist()]
+    got = [sorted(b) for step in tail for b in step]
+    assert len(got) - len(rest) == -len(rest) % after
+    assert all(any(set(g) <= set(r) for r in rest) for g in got)
+    # the next epoch is a fresh plan for the new number of ranks
+    for s in resumed:
+        s.set_epoch(3)
+    fresh = [BucketBatchSampler(lengths, num_replicas=after, rank=r, **kw) for r in range(after)]
+    for s in fresh:
+        s.set_epoch(3)
+    assert [s.plan() for s in resumed] == [s.plan() for s in fresh]
+    assert end["consumed"] == 4 * before + len(got)
+
+
+def test_two_ranks_to_one_and_back_exact_indices():
+    """2 ranks stop after 2 steps, 1 rank runs 3 steps, 2 ranks finish: every index once."""
+    lengths = [5, 3, 3, 8, 1, 2, 2, 2, 7, 4, 6, 6, 1, 9, 3, 2]
+    kw = dict(batch_size=2, seed=0)
+    a, s1, _ = _consume(lengths, 2, 2, **kw)
+    b, s2, one = _consume(lengths, 1, 3, state=s1, **kw)
+    assert (s2["consumed"], s2["segments"]) == (4 + 3, [[2, 0], [1, 4]])
+    c, s3, two = _consume(lengths, 2, None, state=s2, **kw)
+    seen = [i for step in a + b + c for batch in step for i in batch]
+    assert sorted(seen) == list(range(len(lengths)))
+    full = BucketBatchSampler(lengths, num_replicas=2, **kw)._global_plan(0, 2)
+    plan = [full[0][s:e].tolist() for s, e in full[1].tolist()]  # 8 batches of 2, dealt 0,1,0,1,...
+    assert a == [[plan[0], plan[1]], [plan[2], plan[3]]] and b == [[plan[4]], [plan[5]], [plan[6]]]
+    assert c == [[plan[7][:1], plan[7][1:]]]  # one batch left for two ranks: split in halves
+    assert two[0].epoch_length == 2 + 3 + 1 and s3["consumed"] == 9
+
+
+def test_elastic_resume_with_drop_last_drops_only_what_does_not_divide():
+    lengths = np.random.default_rng(6).integers(1, 30, 100)
+    kw = dict(batch_size=10, seed=1, drop_last=True)
+    head, state, _ = _consume(lengths, 1, 3, **kw)  # 10 batches; 7 left for 2 ranks: 6 dealt
+    tail, _, _ = _consume(lengths, 2, None, state=state, **kw)
+    assert len(tail) == 3 and len({i for st_ in head + tail for b in st_ for i in b}) == 90
+
+
+def test_elastic_resume_that_cannot_divide_is_a_clear_error():
+    lengths = [4, 3, 2, 1]
+    _, state, _ = _consume(lengths, 1, 3, batch_size=1, seed=0)  # one batch of one sequence left
+    s = BucketBatchSampler(lengths, batch_size=1, seed=0, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="cannot deal the rest of epoch 0"):
+        s.load_state_dict(state)
+    assert s.position == 0 and s.plan() == BucketBatchSampler(lengths, batch_size=1, seed=0, num_replicas=2).plan()
+
+
+def test_state_from_before_elastic_resume_still_loads():
+    lengths = np.random.default_rng(7).integers(1, 30, 90)
+    a = BucketBatchSampler(lengths, batch_size=6, seed=2, num_replicas=2, rank=1)
+    it = iter(a)
+    head = [next(it) for _ in range(3)]
+    config = {**a.state_dict()["config"], "num_replicas": 2}
+    old = {"epoch": 0, "position": 3, "config": config}  # the earlier format
+    b = BucketBatchSampler(lengths, batch_size=6, seed=2, num_replicas=2, rank=1)
+    b.load_state_dict(old)
+    assert head + list(b) == a.plan(0)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_global_counts_are_the_sum_over_all_ranks(world):
+    lengths = np.random.default_rng(8).integers(1, 40, 150)
+    kw = dict(max_tokens=90, seed=4)
+    plans = all_ranks(lengths, world, **kw)
+    s = BucketBatchSampler(lengths, num_replicas=world, rank=world - 1, **kw)
+    for step in range(len(s)):
+        batches = [p[step] for p in plans]
+        want = (sum(map(len, batches)), int(sum(lengths[i] for b in batches for i in b)))
+        assert s.global_counts(step) == want
+    with pytest.raises(ValueError, match="step must be in"):
+        s.global_counts(len(s))
+
+
+def test_global_counts_after_elastic_resume():
+    lengths = np.random.default_rng(9).integers(1, 40, 120)
+    kw = dict(batch_size=5, seed=4)
+    head, state, _ = _consume(lengths, 2, 3, **kw)
+    tail, _, resumed = _consume(lengths, 3, None, state=state, **kw)
+    s = resumed[1]
+    for step, batches in enumerate(head + tail):
+        assert s.global_counts(step) == (sum(map(len, batches)), int(sum(lengths[i] for b in batches for i in b)))
+
+
+def test_state_at_a_position_before_the_change_of_ranks():
+    """A trainer that finished an elastic epoch saves position 0 of it before set_epoch(next):
+    the state keeps only the first segment, and loads into a plain start of that epoch."""
+    lengths = np.random.default_rng(10).integers(1, 30, 80)
+    kw = dict(batch_size=5, seed=2)
+    _, state, _ = _consume(lengths, 2, 3, **kw)
+    _, _, one = _consume(lengths, 1, None, state=state, **kw)
+    s = one[0]
+    assert s.state_dict(batches_consumed=s.epoch_length)["consumed"] == 16  # all 16 batches of 5
+    zero = s.state_dict(batches_consumed=0)
+    assert (zero["position"], zero["consumed"], zero["segments"], zero["num_replicas"]) == (0, 0, [[2, 0]], 2)
+    two = s.state_dict(batches_consumed=2)  # mid first segment: 2 steps of 2 ranks
+    assert (two["consumed"], two["segments"]) == (4, [[2, 0]])
+    fresh = BucketBatchSampler(lengths, **kw)
+    fresh.load_state_dict(zero)
+    assert fresh.position == 0 and len(list(fresh)) == 16  # the epoch from the top, on one rank
+    assert s.epoch_length == 3 + 10
+    with pytest.raises(ValueError, match=r"batches_consumed must be in \[0, 13\]"):
+        s.state_dict(batches_consumed=14)

@@ -36,7 +36,7 @@ def test_types_and_defaults_as_a_recipe_writes_them():
                                           "the recurrent cell: lstm, gru or rnn (Elman, tanh).")
     assert (by_key["data.max_len"].type, by_key["data.max_len"].default) == ("int | null", "null")
     assert (by_key["data.source.files.train"].type, by_key["data.source.files.train"].default) == ("list[path]", "[]")
-    assert (by_key["train.amp"].type, by_key["train.amp"].default) == ("bool", "true")
+    assert (by_key["train.amp"].type, by_key["train.amp"].default) == ("'auto' | 'off' | 'bf16' | 'fp16' | bool", "auto")
     assert (by_key["train.teacher_forcing.k"].type, by_key["train.teacher_forcing.k"].default) == ("float", "0.9999")
     assert by_key["train.output_dir"].default == "runs/default"
     assert by_key["model.adaptive_cutoffs"].type == "list[int] | null"

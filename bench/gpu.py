@@ -14,7 +14,7 @@ Stages of a run (each appended to the JSON as it finishes, so a timeout keeps th
 precision tests), ``anchor`` (pytorch/examples' default model, ``../shared/anchors/ptex_like.py``
 run on the GPU), ``ours_same_model`` (lm.train with that model), ``recipe_speed``
 (recipes/wikitext.yaml), ``quality`` (recipes/wikitext.yaml for ``--quality-seconds``, stream
-protocol when the trainer has ``train.mode``). Stages that no longer fit ``--budget`` are
+protocol: the recipe's CUDA sections). Stages that no longer fit ``--budget`` are
 recorded as skipped.
 
 Prepared data is found by content: ``pipeline.prepare`` keys its cache on the source files'
@@ -215,12 +215,9 @@ def check(lay: Layout, quality_overrides: list[str]) -> tuple[list[str], list[st
 
 
 def _stream_overrides() -> list[str]:
-    """``train.mode=stream`` when this trainer has the key (the stream protocol), else nothing."""
-    from dataclasses import fields
-
-    from lm.config import TrainConfig
-
-    return ["train.mode=stream"] if any(f.name == "mode" for f in fields(TrainConfig)) else []
+    """The recipe's own CUDA sections (no CPU profile, even in a dry run on a CPU): the stream
+    protocol with the AWD-LSTM regularisers."""
+    return ["train.device=cuda"]
 
 
 # --------------------------------------------------------------------------- run (GPU side)

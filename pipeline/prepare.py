@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,13 @@ def _build_tokenizer(cfg: DataConfig, train, text_column: str, quiet: bool = Fal
         _special_ids(tok, where=str(tc.path))
         return tok
 
+    if tc.kind == "word" and not (tc.nfkc or tc.lowercase):
+        # the same tokenizer WordLevelTrainer makes, counted on Arrow buffers (pipeline/fast_word.py)
+        from pipeline import fast_word
+
+        counts = fast_word.count_words(fast_word._text_chunks(train, text_column))
+        words = fast_word.word_vocab(counts, SPECIALS, tc.vocab_size, tc.min_frequency)
+        return fast_word.word_tokenizer(words, SPECIALS, unk="<unk>")
     norms = ([normalizers.NFKC()] if tc.nfkc else []) + ([normalizers.Lowercase()] if tc.lowercase else [])
     big = 1 << 30  # "keep every type"
     common = {"min_frequency": tc.min_frequency, "special_tokens": list(SPECIALS), "show_progress": False}
@@ -310,15 +318,24 @@ def _encode(cfg: DataConfig, ds, tokenizer, text_column: str, ids: dict, split: 
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(dtype)), "length": datasets.Value("int32")})
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= cfg.num_proc * cfg.batch_size else None
-    enc = ds.map(
-        _Encoder(tokenizer, text_column, ids["<bos>"], ids["<eos>"]),
-        batched=True,
-        batch_size=cfg.batch_size,
-        num_proc=num_proc,
-        remove_columns=ds.column_names,
-        features=features,
-        desc=f"encode {split}",
-    )
+    from pipeline import fast_word
+
+    if fast_word.WordEncoder.supports(tokenizer):
+        # word level: split, look up and frame on Arrow buffers, same ids as the tokenizer (fast_word.py)
+        encoder = fast_word.WordEncoder(tokenizer, ids["<bos>"], ids["<eos>"])
+        folder = Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else Path(tempfile.mkdtemp(prefix="rnnlm-encode-"))
+        path = folder / f"encoded-{split}-{os.getpid()}-{time.time_ns()}.arrow"
+        enc = fast_word.encode_dataset(ds, text_column, encoder, features, path)
+    else:
+        enc = ds.map(
+            _Encoder(tokenizer, text_column, ids["<bos>"], ids["<eos>"]),
+            batched=True,
+            batch_size=cfg.batch_size,
+            num_proc=num_proc,
+            remove_columns=ds.column_names,
+            features=features,
+            desc=f"encode {split}",
+        )
     if split == "train" and not _has_text(enc, ids):
         raise UserError("empty corpus: the train split has no text")  # every row is <bos> <eos>
     over = int((np.asarray(enc.data.column("length")) > cfg.max_len).sum()) if cfg.max_len else 0

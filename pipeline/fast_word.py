@@ -1,0 +1,267 @@
+"""Word-level training and encoding on Arrow buffers, with the ids of ``tokenizers``.
+
+``pipeline.prepare`` uses this for ``kind: word`` instead of ``WordLevelTrainer`` and
+``Tokenizer.encode_batch``: the text column is split with pyarrow's
+``utf8_split_whitespace``, counted with ``value_counts`` and mapped to ids with
+``dictionary_encode`` + ``index_in``, all in C++ over Arrow buffers, with no Python
+object per word. The result is the tokenizer ``tokenizers`` would train (the same
+``tokenizer.json``) and the ids it would give, exactly:
+
+* whitespace: ``utf8_split_whitespace`` splits on every character Rust's
+  ``char::is_whitespace`` (``WhitespaceSplit``) does, plus U+001C..U+001F (checked over
+  all code points in tests/pipeline/test_fast_word.py). Rows holding one of those four
+  bytes are handed to the ``tokenizers`` pre-tokenizer / tokenizer instead.
+* added tokens: ``tokenizers`` cuts special tokens (``<unk>`` ...) out of the raw text
+  before splitting, also inside a word (``a<unk>b`` → ``a``, ``<unk>``, ``b``). Rows
+  with such a word are encoded by the tokenizer itself; a word equal to a special maps
+  to the special's id either way.
+* vocabulary order: ``WordLevelTrainer`` sorts by count, descending, then by the word's
+  bytes, ascending; keeps counts ``>= min_frequency``; puts the special tokens first,
+  drops words equal to one, and cuts the list at ``vocab_size``.
+
+Not covered (``pipeline.prepare`` then uses ``tokenizers`` throughout): a normalizer
+(``lowercase``, ``nfkc``), other pre-tokenizers or models.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# the only characters utf8_split_whitespace splits on that Rust's char::is_whitespace does not;
+# ASCII, so in UTF-8 they are single bytes that never occur inside a multi-byte character
+_ARROW_ONLY_SPACE = (0x1C, 0x1D, 0x1E, 0x1F)
+ROWS_PER_CHUNK = 1 << 16  # rows per Arrow chunk: large enough that per-chunk Python is noise
+
+
+def _text_chunks(ds, column: str, rows: int = ROWS_PER_CHUNK) -> Iterator[pa.Array]:
+    """The text column of a ``datasets.Dataset`` in chunks, nulls as ``""`` (zero-copy when
+    the dataset has no indices mapping, e.g. the memory-mapped split itself)."""
+    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=rows):
+        col = table.column(0)
+        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        yield pc.fill_null(arr, "") if arr.null_count else arr
+
+
+def _rows_with_arrow_only_space(text: pa.Array) -> np.ndarray:
+    """Indices of the rows of ``text`` holding U+001C..U+001F (see the module docstring)."""
+    offsets_buf, data_buf = text.buffers()[1], text.buffers()[2]
+    if data_buf is None:
+        return np.empty(0, np.int64)
+    off_type = np.int64 if pa.types.is_large_string(text.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, off_type)[text.offset : text.offset + len(text) + 1]
+    data = np.frombuffer(data_buf, np.uint8)[offsets[0] : offsets[-1]]
+    hits = np.flatnonzero((data >= _ARROW_ONLY_SPACE[0]) & (data <= _ARROW_ONLY_SPACE[-1]))
+    if not len(hits):
+        return np.empty(0, np.int64)
+    return np.unique(np.searchsorted(offsets, hits + offsets[0], side="right") - 1)
+
+
+def _without_rows(text: pa.Array, rows: np.ndarray) -> pa.Array:
+    """``text`` with the given rows emptied (they are handled by ``tokenizers``)."""
+    if not len(rows):
+        return text
+    mask = np.zeros(len(text), bool)
+    mask[rows] = True
+    return pc.if_else(pa.array(mask), pa.scalar("", text.type), text)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def count_words(chunks: Iterator[pa.Array]) -> dict[str, int]:
+    """How often each ``WhitespaceSplit`` pre-token occurs in the text chunks."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.WhitespaceSplit()
+    parts, extra = [], {}
+    for text in chunks:
+        odd = _rows_with_arrow_only_space(text)
+        for i in odd:  # rare: these rows are split the way tokenizers splits them
+            for w, _ in split.pre_tokenize_str(text[int(i)].as_py()):
+                extra[w] = extra.get(w, 0) + 1
+        words = pc.list_flatten(pc.utf8_split_whitespace(_without_rows(text, odd)))
+        vc = pc.value_counts(words)  # holds "" too: utf8_split_whitespace keeps empty edge pieces
+        parts.append(pa.table({"w": vc.field("values"), "c": vc.field("counts")}))
+    if not parts:
+        return extra
+    # one group-by over the per-chunk counts: never a Python object per occurrence
+    total = pa.concat_tables(parts).group_by("w").aggregate([("c", "sum")])
+    counts = dict(zip(total.column("w").to_pylist(), total.column("c_sum").to_pylist()))
+    counts.pop("", None)
+    for w, n in extra.items():
+        counts[w] = counts.get(w, 0) + n
+    return counts
+
+
+def word_vocab(counts: dict[str, int], specials: Sequence[str], vocab_size: int | None, min_frequency: int) -> list[str]:
+    """The words ``WordLevelTrainer`` keeps, in its order (specials excluded).
+
+    Args:
+        counts: word → occurrences in the training text.
+        specials: the special tokens, which the trainer puts first.
+        vocab_size: the trainer's ``vocab_size`` (specials included); ``None`` keeps all.
+        min_frequency: drop words seen fewer times.
+
+    Returns:
+        The non-special words, most frequent first, ties in byte order of the word
+        (Python's ``str`` order is code-point order, which is UTF-8 byte order).
+    """
+    special = set(specials)
+    words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in special), key=lambda w: (-counts[w], w))
+    if vocab_size is not None:
+        words = words[: max(vocab_size - len(special), 0)]
+    return words
+
+
+def word_tokenizer(words: Sequence[str], specials: Sequence[str], unk: str):
+    """A ``tokenizers`` WordLevel + WhitespaceSplit tokenizer: specials at ids 0.., then ``words``."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update((w, len(specials) + k) for k, w in enumerate(words))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return tok
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class WordEncoder:
+    """Encode text to ``<bos> ids <eos>`` rows exactly as a WordLevel tokenizer would.
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``; see :func:`supports`.
+        bos, eos: the ids around every row.
+    """
+
+    def __init__(self, tokenizer, bos: int, eos: int) -> None:
+        spec = json.loads(tokenizer.to_str())
+        vocab = spec["model"]["vocab"]
+        self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
+        self.unk = vocab[spec["model"]["unk_token"]]
+        words = sorted(vocab, key=vocab.get)
+        if [vocab[w] for w in words] != list(range(len(words))):  # index_in gives positions: ids must be 0..n-1
+            raise ValueError("WordLevel ids are not contiguous from 0")
+        self.vocab = pa.array(words, pa.string())
+        self.added = {t["content"]: t["id"] for t in spec["added_tokens"]}
+
+    @staticmethod
+    def supports(tokenizer) -> bool:
+        """Whether :class:`WordEncoder` reproduces ``tokenizer`` exactly: a WordLevel model,
+        ``WhitespaceSplit``, no normalizer or post-processor, plain added tokens."""
+        spec = json.loads(tokenizer.to_str())
+        model = spec.get("model") or {}
+        if model.get("type") != "WordLevel" or model.get("unk_token") not in model.get("vocab", {}):
+            return False
+        if spec.get("normalizer") is not None or spec.get("post_processor") is not None:
+            return False
+        if spec.get("pre_tokenizer") != {"type": "WhitespaceSplit"}:
+            return False
+        plain = all(not (t["lstrip"] or t["rstrip"] or t["single_word"] or t["normalized"]) and t["content"] for t in spec["added_tokens"])
+        return plain and len(set(model["vocab"].values())) == len(model["vocab"])
+
+    def _odd_words(self, dictionary: pa.Array, dict_ids: np.ndarray) -> np.ndarray:
+        """Positions in ``dictionary`` of words ``tokenizers`` would cut at an added token."""
+        odd = np.zeros(len(dictionary), bool)
+        for content, tid in self.added.items():
+            has = pc.match_substring(dictionary, content).to_numpy(zero_copy_only=False)
+            exact = pc.equal(dictionary, content).to_numpy(zero_copy_only=False)
+            odd |= has & ~exact
+            odd |= exact & (dict_ids != tid)
+        return np.flatnonzero(odd)
+
+    def encode(self, text: pa.Array) -> pa.ListArray:
+        """``<bos> ids <eos>`` for every row of a string array (nulls read as ``""``).
+
+        Returns:
+            A ``list<int32>`` array, one row per text row.
+        """
+        text = pc.fill_null(text, "") if text.null_count else text
+        odd_rows = set(_rows_with_arrow_only_space(text).tolist())
+        split = pc.utf8_split_whitespace(text)
+        n_pieces = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
+        enc = pc.list_flatten(split).dictionary_encode()
+        dictionary, indices = enc.dictionary, enc.indices.to_numpy(zero_copy_only=False)
+        dict_ids = pc.fill_null(pc.index_in(dictionary, value_set=self.vocab), self.unk).to_numpy(zero_copy_only=False).copy()
+        for w, tid in self.added.items():  # a word equal to an added token gets its id even if not in the vocabulary
+            dict_ids[pc.equal(dictionary, w).to_numpy(zero_copy_only=False)] = tid
+        # utf8_split_whitespace yields "" for leading/trailing whitespace; WhitespaceSplit yields nothing
+        keep = (pc.binary_length(dictionary).to_numpy(zero_copy_only=False) > 0)[indices]
+        row_of_word = np.repeat(np.arange(len(text), dtype=np.int64), n_pieces)[keep]  # (n_words,)
+        indices = indices[keep]
+        word_ids = dict_ids.astype(np.int32)[indices]  # (n_words,)
+        odd = self._odd_words(dictionary, dict_ids)
+        if len(odd):
+            odd_rows.update(np.unique(row_of_word[np.isin(indices, odd)]).tolist())
+        out = _frame(word_ids, row_of_word, len(text), self.bos, self.eos)
+        if odd_rows:
+            out = self._replace_rows(out, text, sorted(odd_rows))
+        return out
+
+    def _replace_rows(self, out: pa.ListArray, text: pa.Array, rows: list[int]) -> pa.ListArray:
+        """Re-encode ``rows`` with the tokenizer itself and splice them into ``out``."""
+        encoded = self.tokenizer.encode_batch([text[i].as_py() for i in rows], add_special_tokens=False)
+        fixed = dict(zip(rows, ([self.bos, *e.ids, self.eos] for e in encoded)))
+        offsets = out.offsets.to_numpy()
+        values = out.values.to_numpy()
+        pieces, lengths, start = [], np.diff(offsets).astype(np.int64), 0
+        for r in rows:
+            pieces += [values[offsets[start] : offsets[r]], np.asarray(fixed[r], np.int32)]
+            lengths[r] = len(fixed[r])
+            start = r + 1
+        pieces.append(values[offsets[start] :])
+        new_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(np.concatenate(pieces), pa.int32()))
+
+
+def _frame(word_ids: np.ndarray, row_of_word: np.ndarray, n_rows: int, bos: int, eos: int) -> pa.ListArray:
+    """Rows of word ids (``row_of_word`` ascending) with ``bos`` before and ``eos`` after each."""
+    lengths = np.bincount(row_of_word, minlength=n_rows) + 2
+    offsets = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.empty(int(offsets[-1]), np.int32)
+    values[offsets[:-1]] = bos
+    values[offsets[1:] - 1] = eos
+    # a row's words follow its own <bos> and the earlier rows' <bos>/<eos> pairs
+    values[np.arange(len(word_ids), dtype=np.int64) + 2 * row_of_word + 1] = word_ids
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, rows: int = ROWS_PER_CHUNK):
+    """Encode a ``datasets.Dataset`` chunk by chunk into an Arrow file; return it memory-mapped.
+
+    The rows are written as they are made (datasets' own ``ArrowWriter``, the format
+    ``Dataset.map`` writes), so memory stays one chunk deep whatever the corpus size.
+
+    Args:
+        ds: the split (its text column is read as Arrow, never as Python strings).
+        column: the text column.
+        encoder: a :class:`WordEncoder`.
+        features: the output ``datasets.Features`` (``input_ids``, ``length``).
+        path: the Arrow file to write.
+
+    Returns:
+        ``datasets.Dataset`` over ``path``.
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    id_type = features["input_ids"].feature.pa_type
+    writer = ArrowWriter(features=features, path=str(path))
+    for text in _text_chunks(ds, column, rows):
+        ids = encoder.encode(text)
+        lengths = pc.list_value_length(ids).cast(pa.int32())
+        ids = pa.ListArray.from_arrays(ids.offsets, ids.values.cast(id_type))
+        writer.write_table(pa.table({"input_ids": ids, "length": lengths}))
+    if writer._num_examples == 0 and writer.pa_writer is None:  # an empty split: still a valid file
+        writer.write_table(pa.table({"input_ids": pa.array([], pa.list_(id_type)), "length": pa.array([], pa.int32())}))
+    writer.finalize()
+    writer.close()
+    return datasets.Dataset.from_file(str(path))

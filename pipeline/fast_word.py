@@ -16,8 +16,9 @@ object per word. The result is the tokenizer ``tokenizers`` would train (the sam
   with such a word are encoded by the tokenizer itself; a word equal to a special maps
   to the special's id either way.
 * vocabulary order: ``WordLevelTrainer`` sorts by count, descending, then by the word's
-  bytes, ascending; keeps counts ``>= min_frequency``; puts the special tokens first,
-  drops words equal to one, and cuts the list at ``vocab_size``.
+  bytes, ascending; keeps counts ``>= min_frequency``; puts the special tokens first and
+  cuts the list at ``vocab_size``, then drops words equal to a special (which so still
+  take a slot: tested against the trainer).
 
 Not covered (``pipeline.prepare`` then uses ``tokenizers`` throughout): a normalizer
 (``lowercase``, ``nfkc``), other pre-tokenizers or models.
@@ -111,11 +112,12 @@ def word_vocab(counts: dict[str, int], specials: Sequence[str], vocab_size: int 
         The non-special words, most frequent first, ties in byte order of the word
         (Python's ``str`` order is code-point order, which is UTF-8 byte order).
     """
-    special = set(specials)
-    words = sorted((w for w, n in counts.items() if n >= min_frequency and w not in special), key=lambda w: (-counts[w], w))
+    words = sorted((w for w, n in counts.items() if n >= min_frequency), key=lambda w: (-counts[w], w))
     if vocab_size is not None:
-        words = words[: max(vocab_size - len(special), 0)]
-    return words
+        # the trainer cuts before it drops words equal to a special: such a word still takes a slot
+        words = words[: max(vocab_size - len(specials), 0)]
+    special = set(specials)
+    return [w for w in words if w not in special]
 
 
 def word_tokenizer(words: Sequence[str], specials: Sequence[str], unk: str):
@@ -186,21 +188,29 @@ class WordEncoder:
         text = pc.fill_null(text, "") if text.null_count else text
         odd_rows = set(_rows_with_arrow_only_space(text).tolist())
         split = pc.utf8_split_whitespace(text)
-        n_pieces = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
+        piece_offsets = split.offsets.to_numpy()  # (n_rows + 1,): a fresh array, so offsets start at 0
+        n_words = np.diff(piece_offsets).astype(np.int64)  # (n_rows,)
         enc = pc.list_flatten(split).dictionary_encode()
         dictionary, indices = enc.dictionary, enc.indices.to_numpy(zero_copy_only=False)
-        dict_ids = pc.fill_null(pc.index_in(dictionary, value_set=self.vocab), self.unk).to_numpy(zero_copy_only=False).copy()
+        dict_ids = pc.fill_null(pc.index_in(dictionary, value_set=self.vocab), self.unk).to_numpy(zero_copy_only=False)
+        dict_ids = dict_ids.astype(np.int32)  # a writable copy
         for w, tid in self.added.items():  # a word equal to an added token gets its id even if not in the vocabulary
             dict_ids[pc.equal(dictionary, w).to_numpy(zero_copy_only=False)] = tid
-        # utf8_split_whitespace yields "" for leading/trailing whitespace; WhitespaceSplit yields nothing
-        keep = (pc.binary_length(dictionary).to_numpy(zero_copy_only=False) > 0)[indices]
-        row_of_word = np.repeat(np.arange(len(text), dtype=np.int64), n_pieces)[keep]  # (n_words,)
-        indices = indices[keep]
-        word_ids = dict_ids.astype(np.int32)[indices]  # (n_words,)
+        word_ids = dict_ids[indices]  # (n_pieces,)
+
+        def rows_of(mask: np.ndarray) -> np.ndarray:
+            return np.searchsorted(piece_offsets, np.flatnonzero(mask), side="right") - 1
+
+        empty = pc.index_in(pa.scalar("", dictionary.type), value_set=dictionary).as_py()
+        if empty is not None:
+            # utf8_split_whitespace yields "" for leading/trailing whitespace; WhitespaceSplit yields nothing
+            is_empty = indices == empty
+            n_words -= np.bincount(rows_of(is_empty), minlength=len(text))
+            word_ids = word_ids[~is_empty]
         odd = self._odd_words(dictionary, dict_ids)
         if len(odd):
-            odd_rows.update(np.unique(row_of_word[np.isin(indices, odd)]).tolist())
-        out = _frame(word_ids, row_of_word, len(text), self.bos, self.eos)
+            odd_rows.update(np.unique(rows_of(np.isin(indices, odd))).tolist())
+        out = _frame(word_ids, n_words, self.bos, self.eos)
         if odd_rows:
             out = self._replace_rows(out, text, sorted(odd_rows))
         return out
@@ -221,16 +231,16 @@ class WordEncoder:
         return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(np.concatenate(pieces), pa.int32()))
 
 
-def _frame(word_ids: np.ndarray, row_of_word: np.ndarray, n_rows: int, bos: int, eos: int) -> pa.ListArray:
-    """Rows of word ids (``row_of_word`` ascending) with ``bos`` before and ``eos`` after each."""
-    lengths = np.bincount(row_of_word, minlength=n_rows) + 2
-    offsets = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+def _frame(word_ids: np.ndarray, n_words: np.ndarray, bos: int, eos: int) -> pa.ListArray:
+    """Consecutive rows of ``n_words`` word ids each, with ``bos`` before and ``eos`` after each row."""
+    offsets = np.zeros(len(n_words) + 1, np.int64)
+    np.cumsum(n_words + 2, out=offsets[1:])
     values = np.empty(int(offsets[-1]), np.int32)
+    is_word = np.ones(len(values), bool)
+    is_word[offsets[:-1]] = is_word[offsets[1:] - 1] = False
     values[offsets[:-1]] = bos
     values[offsets[1:] - 1] = eos
-    # a row's words follow its own <bos> and the earlier rows' <bos>/<eos> pairs
-    values[np.arange(len(word_ids), dtype=np.int64) + 2 * row_of_word + 1] = word_ids
+    values[is_word] = word_ids  # a boolean scatter: no index array per word
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 

@@ -36,7 +36,9 @@ class StreamBucketBatcher(IterableDataset):
        worker`` keeps the items ``i`` with ``i % S == k``. Every item lands in exactly
        one shard, whatever the source (each shard reads the stream and skips the others'
        items; for a Hugging Face dataset with many files, ``split_dataset_by_node``
-       before the batcher saves that reading).
+       before the batcher saves that reading). A Hugging Face ``IterableDataset``
+       splits itself between DataLoader workers (by file: with one file, one worker
+       reads and the others idle), so for it only ranks are sharded here.
     2. **Bins.** ``bins`` (ascending upper length edges) if given; else quantiles of the
        first ``bin_sample`` lengths of the shard, ``num_bins`` of them.
     3. **Buffer.** Rows enter their bin, kept sorted by (length, stream position). When
@@ -146,6 +148,9 @@ class StreamBucketBatcher(IterableDataset):
     def _shard(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        if type(self.source).__module__.startswith("datasets."):
+            # a Hugging Face IterableDataset splits itself between DataLoader workers (by file)
+            workers, worker = 1, 0
         return self.num_replicas * workers, self.rank * workers + worker
 
     def __iter__(self) -> Iterator[list[Any]]:
@@ -207,14 +212,16 @@ class _Pass:
         self.consumed = 0  # stream items read (all shards' items, this shard's kept)
         self.edges: list[int] | None = b.bins
         self.sample: list[tuple[int, int, Any]] = []  # rows read before the bins are known
-        self.bins: list[list[tuple[int, int, Any]]] = []  # per bin: (length, position, row), sorted
+        # per bin: (length, position, row), sorted
+        self.bins: list[list[tuple[int, int, Any]]] = [[] for _ in self.edges or ()]
         self.held = 0
         self.done = False  # the stream ended; the tail batches are being emitted
         self.tail: list[list[Any]] = []
         self.upstream = None
         if state is not None:
             self.consumed, self.edges, self.done, self.upstream = state["consumed"], state["bins"], state["done"], state["upstream"]
-            self.rng.bit_generator.state = state["rng"]
+            if state["rng"] is not None:  # None: saved before the pass began
+                self.rng.bit_generator.state = state["rng"]
             rows = [tuple(r) for r in state["buffer"]]
             if self.edges is None:
                 self.sample = rows

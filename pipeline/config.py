@@ -310,6 +310,25 @@ class TokenizerConfig:
 
 
 @dataclass
+class StreamConfig:
+    """``data.stream``: train from the source read with ``streaming=True``, no prepared copy.
+
+    The text is encoded on the fly (``pipeline.streaming.open_stream``) with
+    ``data.tokenizer.path``, or with a ``data.tokenizer`` trained first on the first
+    ``sample_lines`` lines of train; batches come from ``StreamBucketBatcher`` holding
+    ``buffer_size`` rows. ``pipeline.prepare`` ignores this section.
+    """
+
+    enabled: bool = False
+    buffer_size: int = 10_000
+    sample_lines: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.sample_lines < 1:
+            raise ValueError(f"buffer_size={self.buffer_size}, sample_lines={self.sample_lines}: both must be >= 1")
+
+
+@dataclass
 class DataConfig:
     """The ``data:`` section: source → tokenizer → ids → Arrow files in ``output``.
 
@@ -339,6 +358,7 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 1
     batch_size: int = 1000
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
         if self.max_len is not None and self.max_len < 2:

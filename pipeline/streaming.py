@@ -43,8 +43,8 @@ class StreamBucketBatcher(IterableDataset):
        first ``bin_sample`` lengths of the shard, ``num_bins`` of them.
     3. **Buffer.** Rows enter their bin, kept sorted by (length, stream position). When
        ``buffer_size`` rows are held, one batch leaves: a bin is drawn (seeded; chance
-       proportional to its rows, among bins holding at least one full batch, else the
-       fullest), and the batch is the run of the bin's sorted rows from a drawn start,
+       proportional to its rows, among bins holding more than one batch's budget, else
+       the fullest), and the batch is the run of the bin's sorted rows from a drawn start,
        extended to longer rows until the budget is met, then to shorter ones.
     4. **Budget.** At most ``batch_size`` rows and/or ``max_tokens`` tokens, counted
        by ``cost``: ``"unpadded"`` = sum of lengths (a packed RNN), ``"padded"`` = rows x
@@ -203,6 +203,10 @@ class StreamBucketBatcher(IterableDataset):
         self._restore = state
 
 
+def _order(entry: tuple[int, int, Any]) -> tuple[int, int]:
+    return entry[0], entry[1]  # (length, stream position): never the row itself
+
+
 class _Pass:
     """One pass of one shard: the buffer, the draws, the stream position."""
 
@@ -214,6 +218,7 @@ class _Pass:
         self.sample: list[tuple[int, int, Any]] = []  # rows read before the bins are known
         # per bin: (length, position, row), sorted
         self.bins: list[list[tuple[int, int, Any]]] = [[] for _ in self.edges or ()]
+        self.tokens = [0] * len(self.bins)  # per bin: the sum of its lengths
         self.held = 0
         self.done = False  # the stream ended; the tail batches are being emitted
         self.tail: list[list[Any]] = []
@@ -227,8 +232,11 @@ class _Pass:
                 self.sample = rows
             else:
                 self.bins = [[] for _ in range(len(self.edges))]
-                for r in rows:
-                    self.bins[self._bin(r[0])].append(r)
+                self.tokens = [0] * len(self.edges)
+                for r in rows:  # saved bin by bin, each sorted: appending keeps the order
+                    i = self._bin(r[0])
+                    self.bins[i].append(r)
+                    self.tokens[i] += r[0]
             self.held = len(rows)
             self.tail = [list(t) for t in state.get("tail", [])]
 
@@ -262,7 +270,9 @@ class _Pass:
         return min(bisect.bisect_left(self.edges, length), len(self.edges) - 1)
 
     def _add(self, entry: tuple[int, int, Any]) -> None:
-        bisect.insort(self.bins[self._bin(entry[0])], entry, key=lambda e: (e[0], e[1]))
+        i = self._bin(entry[0])
+        bisect.insort(self.bins[i], entry, key=_order)
+        self.tokens[i] += entry[0]
         self.held += 1
 
     def _estimate_bins(self) -> None:
@@ -270,6 +280,7 @@ class _Pass:
         qs = np.quantile(lengths, np.linspace(0, 1, self.b.num_bins + 1)[1:], method="higher") if len(lengths) else [1]
         self.edges = sorted({int(q) for q in qs})
         self.bins = [[] for _ in self.edges]
+        self.tokens = [0] * len(self.edges)
         sample, self.sample, self.held = self.sample, [], 0
         for e in sample:
             self._add(e)
@@ -284,17 +295,14 @@ class _Pass:
             return (total if b.cost == "unpadded" else n * longest) <= b.max_tokens
         return True
 
-    def _full(self, bin_: list) -> bool:
-        """Whether a bin holds at least one full batch (its shortest rows overfill the budget)."""
-        total = 0
-        for n, e in enumerate(bin_, 1):
-            total += e[0]
-            if not self._fits(n, total, e[0]):
-                return True
-        return False
+    def _full(self, i: int) -> bool:
+        """Whether bin ``i`` holds more than one batch's budget (O(1): its rows, their sum, its longest)."""
+        bin_ = self.bins[i]
+        return bool(bin_) and not self._fits(len(bin_), self.tokens[i], bin_[-1][0])
 
-    def _cut(self, bin_: list, start: int) -> list[tuple[int, int, Any]]:
-        """Remove and return the run of ``bin_`` from ``start`` (then below it) that fills the budget."""
+    def _cut(self, i: int, start: int) -> list[tuple[int, int, Any]]:
+        """Remove and return the run of bin ``i`` from ``start`` (then below it) that fills the budget."""
+        bin_ = self.bins[i]
         hi = start
         total, longest = 0, 0
         while hi < len(bin_) and self._fits(hi - start + 1, total + bin_[hi][0], max(longest, bin_[hi][0])):
@@ -307,19 +315,20 @@ class _Pass:
         batch = bin_[lo:hi]
         del bin_[lo:hi]
         self.held -= len(batch)
+        self.tokens[i] -= total
         return batch
 
     def _emit(self) -> list[Any]:
         """One batch from the buffer (step 3 of the class docstring)."""
         counts = np.array([len(b) for b in self.bins])
-        full = np.array([self._full(b) for b in self.bins])
+        full = np.array([self._full(i) for i in range(len(self.bins))])
         if self.b.shuffle:
             weights = counts * full if full.any() else (counts == counts.max()) * counts
             i = int(self.rng.choice(len(self.bins), p=weights / weights.sum()))
             start = int(self.rng.integers(len(self.bins[i])))
         else:
             i, start = int(np.argmax(counts * full if full.any() else counts)), 0
-        return self._rows(self._cut(self.bins[i], start))
+        return self._rows(self._cut(i, start))
 
     def _rows(self, batch: list[tuple[int, int, Any]]) -> list[Any]:
         return [e[2] for e in sorted(batch, key=lambda e: (-e[0], e[1]))]
@@ -329,9 +338,9 @@ class _Pass:
         if self.edges is None:
             self._estimate_bins()
         batches = []
-        for bin_ in self.bins:
+        for i, bin_ in enumerate(self.bins):
             while bin_:
-                batches.append(self._rows(self._cut(bin_, 0)))
+                batches.append(self._rows(self._cut(i, 0)))
         order = self.rng.permutation(len(batches)) if self.b.shuffle else range(len(batches))
         self.tail = [batches[i] for i in order]
 

@@ -26,6 +26,7 @@ Not covered (``pipeline.prepare`` then uses ``tokenizers`` throughout): a normal
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,15 +38,45 @@ import pyarrow.compute as pc
 # ASCII, so in UTF-8 they are single bytes that never occur inside a multi-byte character
 _ARROW_ONLY_SPACE = (0x1C, 0x1D, 0x1E, 0x1F)
 ROWS_PER_CHUNK = 1 << 16  # rows per Arrow chunk: large enough that per-chunk Python is noise
+THREADS = min(4, os.cpu_count() or 1)
 
 
 def _text_chunks(ds, column: str, rows: int = ROWS_PER_CHUNK) -> Iterator[pa.Array]:
-    """The text column of a ``datasets.Dataset`` in chunks, nulls as ``""`` (zero-copy when
-    the dataset has no indices mapping, e.g. the memory-mapped split itself)."""
-    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=rows):
-        col = table.column(0)
+    """The text column of a ``datasets.Dataset`` in chunks, nulls as ``""``.
+
+    Zero-copy slices of the memory-mapped table when the dataset has no indices mapping
+    (a split as loaded); through ``datasets``' Arrow formatting otherwise (a held-out split).
+    """
+    if getattr(ds, "_indices", None) is None:
+        col = ds.data.table.column(column) if hasattr(ds.data, "table") else ds.data.column(column)
+        tables = (col.slice(start, rows) for start in range(0, len(col), rows))
+    else:
+        tables = (t.column(0) for t in ds.select_columns([column]).with_format("arrow").iter(batch_size=rows))
+    for col in tables:
         arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
         yield pc.fill_null(arr, "") if arr.null_count else arr
+
+
+def _threaded(fn, items: Iterator, threads: int = THREADS) -> Iterator:
+    """``map(fn, items)`` on a thread pool, in order, at most ``threads + 1`` items in flight.
+
+    pyarrow's kernels and numpy release the GIL, so chunks overlap on several cores;
+    the bounded window keeps memory a few chunks deep.
+    """
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def _rows_with_arrow_only_space(text: pa.Array) -> np.ndarray:
@@ -74,29 +105,35 @@ def _without_rows(text: pa.Array, rows: np.ndarray) -> pa.Array:
 # --------------------------------------------------------------------------- training
 
 
-def count_words(chunks: Iterator[pa.Array]) -> dict[str, int]:
+def count_words(chunks: Iterator[pa.Array], threads: int = THREADS) -> dict[str, int]:
     """How often each ``WhitespaceSplit`` pre-token occurs in the text chunks."""
-    from tokenizers import pre_tokenizers
-
-    split = pre_tokenizers.WhitespaceSplit()
     parts, extra = [], {}
-    for text in chunks:
-        odd = _rows_with_arrow_only_space(text)
-        for i in odd:  # rare: these rows are split the way tokenizers splits them
-            for w, _ in split.pre_tokenize_str(text[int(i)].as_py()):
-                extra[w] = extra.get(w, 0) + 1
-        words = pc.list_flatten(pc.utf8_split_whitespace(_without_rows(text, odd)))
-        vc = pc.value_counts(words)  # holds "" too: utf8_split_whitespace keeps empty edge pieces
-        parts.append(pa.table({"w": vc.field("values"), "c": vc.field("counts")}))
+    for table, odd in _threaded(_count_chunk, chunks, threads):
+        parts.append(table)
+        for w, n in odd.items():
+            extra[w] = extra.get(w, 0) + n
     if not parts:
         return extra
     # one group-by over the per-chunk counts: never a Python object per occurrence
     total = pa.concat_tables(parts).group_by("w").aggregate([("c", "sum")])
     counts = dict(zip(total.column("w").to_pylist(), total.column("c_sum").to_pylist()))
-    counts.pop("", None)
+    counts.pop("", None)  # utf8_split_whitespace keeps empty edge pieces; WhitespaceSplit has none
     for w, n in extra.items():
         counts[w] = counts.get(w, 0) + n
     return counts
+
+
+def _count_chunk(text: pa.Array) -> tuple[pa.Table, dict[str, int]]:
+    from tokenizers import pre_tokenizers
+
+    odd, extra = _rows_with_arrow_only_space(text), {}
+    if len(odd):  # rare: these rows are split the way tokenizers splits them
+        split = pre_tokenizers.WhitespaceSplit()
+        for i in odd:
+            for w, _ in split.pre_tokenize_str(text[int(i)].as_py()):
+                extra[w] = extra.get(w, 0) + 1
+    vc = pc.value_counts(pc.list_flatten(pc.utf8_split_whitespace(_without_rows(text, odd))))
+    return pa.table({"w": vc.field("values"), "c": vc.field("counts")}), extra
 
 
 def word_vocab(counts: dict[str, int], specials: Sequence[str], vocab_size: int | None, min_frequency: int) -> list[str]:
@@ -264,14 +301,75 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
     from datasets.arrow_writer import ArrowWriter
 
     id_type = features["input_ids"].feature.pa_type
-    writer = ArrowWriter(features=features, path=str(path))
-    for text in _text_chunks(ds, column, rows):
+    def table(text: pa.Array) -> pa.Table:
         ids = encoder.encode(text)
         lengths = pc.list_value_length(ids).cast(pa.int32())
-        ids = pa.ListArray.from_arrays(ids.offsets, ids.values.cast(id_type))
-        writer.write_table(pa.table({"input_ids": ids, "length": lengths}))
+        return pa.table({"input_ids": pa.ListArray.from_arrays(ids.offsets, ids.values.cast(id_type)), "length": lengths})
+
+    writer = ArrowWriter(features=features, path=str(path))
+    for t in _threaded(table, _text_chunks(ds, column, rows)):
+        writer.write_table(t)
     if writer._num_examples == 0 and writer.pa_writer is None:  # an empty split: still a valid file
         writer.write_table(pa.table({"input_ids": pa.array([], pa.list_(id_type)), "length": pa.array([], pa.int32())}))
+    writer.finalize()
+    writer.close()
+    return datasets.Dataset.from_file(str(path))
+
+
+# --------------------------------------------------------------------------- reading lines
+
+BLOCK_BYTES = 1 << 26
+
+
+def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """The file in blocks that end after a ``\\n`` (the last may not), its UTF-8 BOM dropped."""
+    carry = b""
+    with open(path, "rb") as f:
+        first = True
+        while chunk := f.read(block_bytes):
+            if first and chunk.startswith(b"\xef\xbb\xbf"):
+                chunk = chunk[3:]
+            first = False
+            chunk = carry + chunk
+            cut = chunk.rfind(b"\n") + 1
+            carry = chunk[cut:]
+            if cut:
+                yield chunk[:cut]
+    if carry:
+        yield carry
+
+
+def load_text_lines(files: Sequence[Path], path: Path):
+    """One row per line of UTF-8 text files, as ``datasets.load_dataset("text")`` gives them.
+
+    That loader reads with Python's universal newlines (``\\r\\n`` and ``\\r`` become
+    ``\\n``) and ``encoding="utf-8-sig"`` (a BOM at the start of a file is dropped), then
+    splits on ``\\n`` only; here the same happens to whole blocks in Arrow kernels instead of
+    a Python string per line, and the rows are written to the Arrow file ``path``.
+
+    Args:
+        files: the split's text files, in order (already checked to be valid UTF-8).
+        path: the Arrow file to write.
+
+    Returns:
+        ``datasets.Dataset`` over ``path``, one ``text`` column.
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    writer = ArrowWriter(features=datasets.Features({"text": datasets.Value("string")}), path=str(path))
+    rows = 0
+    for file in files:
+        for block in _line_blocks(Path(file)):
+            text = pa.array([block], pa.large_binary()).cast(pa.large_string())  # validates UTF-8
+            text = pc.replace_substring(pc.replace_substring(text, "\r\n", "\n"), "\r", "\n")
+            lines = pc.list_flatten(pc.split_pattern(text, "\n"))
+            if block.endswith((b"\n", b"\r")):
+                lines = lines.slice(0, len(lines) - 1)  # the empty piece after the last line break
+            writer.write_table(pa.table({"text": lines.cast(pa.string())}))
+            rows += len(lines)
+    if not rows:
+        writer.write_table(pa.table({"text": pa.array([], pa.string())}))
     writer.finalize()
     writer.close()
     return datasets.Dataset.from_file(str(path))

@@ -163,6 +163,13 @@ def _load_splits(cfg: DataConfig, local: dict[str, _LocalSplit] | None, cache_di
             raise UserError(f"{cfg.source.hub} has no train split (has: {', '.join(dd)})")
         return out
     for split, src in local.items():
+        if src.builder == "text" and cfg.mode == "line" and errors == "strict":
+            # the lines datasets' text loader gives, split in Arrow kernels (pipeline/fast_word.py)
+            from pipeline import fast_word
+
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            out[split] = fast_word.load_text_lines(src.files, cache_dir / f"lines-{split}.arrow")
+            continue
         kwargs: dict = {}
         if src.builder == "text":
             kwargs = {"encoding": "utf-8-sig", "encoding_errors": errors, "sample_by": "line" if cfg.mode == "line" else "paragraph"}

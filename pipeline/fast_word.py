@@ -318,12 +318,12 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
 
 # --------------------------------------------------------------------------- reading lines
 
-BLOCK_BYTES = 1 << 26
+BLOCK_BYTES = 1 << 24  # 16 MB: a few blocks in flight keep memory flat
 
 
-def _line_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[bytes]:
+def _line_blocks(path: Path) -> Iterator[bytes]:
     """The file in blocks that end after a ``\\n`` (the last may not), its UTF-8 BOM dropped."""
-    carry = b""
+    block_bytes, carry = BLOCK_BYTES, b""
     with open(path, "rb") as f:
         first = True
         while chunk := f.read(block_bytes):
@@ -357,17 +357,20 @@ def load_text_lines(files: Sequence[Path], path: Path):
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
+    def lines_of(block: bytes) -> pa.Table:
+        text = pa.array([block], pa.large_binary()).cast(pa.large_string())  # validates UTF-8
+        text = pc.replace_substring(pc.replace_substring(text, "\r\n", "\n"), "\r", "\n")
+        lines = pc.list_flatten(pc.split_pattern(text, "\n"))
+        if block.endswith((b"\n", b"\r")):
+            lines = lines.slice(0, len(lines) - 1)  # the empty piece after the last line break
+        return pa.table({"text": lines.cast(pa.string())})
+
     writer = ArrowWriter(features=datasets.Features({"text": datasets.Value("string")}), path=str(path))
     rows = 0
-    for file in files:
-        for block in _line_blocks(Path(file)):
-            text = pa.array([block], pa.large_binary()).cast(pa.large_string())  # validates UTF-8
-            text = pc.replace_substring(pc.replace_substring(text, "\r\n", "\n"), "\r", "\n")
-            lines = pc.list_flatten(pc.split_pattern(text, "\n"))
-            if block.endswith((b"\n", b"\r")):
-                lines = lines.slice(0, len(lines) - 1)  # the empty piece after the last line break
-            writer.write_table(pa.table({"text": lines.cast(pa.string())}))
-            rows += len(lines)
+    blocks = (block for file in files for block in _line_blocks(Path(file)))
+    for table in _threaded(lines_of, blocks):
+        writer.write_table(table)
+        rows += table.num_rows
     if not rows:
         writer.write_table(pa.table({"text": pa.array([], pa.string())}))
     writer.finalize()

@@ -139,3 +139,31 @@ def test_prepare_jsonl_with_unicode_whitespace_identical(data_cfg, tmp_path):
     for split, text in (("train", TRICKY), ("validation", TRICKY[::-1])):
         ds = TokenDataset(cfg.output, split)
         assert [ds[i].tolist() for i in range(len(ds))] == reference_rows(ref, text)
+
+
+@pytest.mark.parametrize("content", [
+    "\ufeffone\r\ntwo\rthree\n\nfour\x1cfive\u2028six\x85 seven\r",
+    "no newline at end",
+    "\n",
+    "\r\n\r\n",
+    "x\r",
+    "a\n" * 50 + "b\r\n" * 50,
+])
+def test_text_lines_as_datasets_text_loader(content, tmp_path):
+    import datasets
+
+    path = tmp_path / "train.txt"
+    path.write_text(content, encoding="utf-8")
+    ref = datasets.load_dataset("text", data_files={"train": str(path)}, split="train", encoding="utf-8-sig", cache_dir=str(tmp_path / "c"))
+    got = fast_word.load_text_lines([path, path], tmp_path / "lines.arrow")
+    assert list(got["text"]) == list(ref["text"]) * 2
+
+
+def test_text_lines_in_small_blocks_as_datasets(monkeypatch, wikitext2, tmp_path):
+    import datasets
+
+    monkeypatch.setattr(fast_word, "BLOCK_BYTES", 4096)  # many block edges, \r\n pairs among them
+    path = tmp_path / "train.txt"
+    path.write_bytes((wikitext2 / "valid.txt").read_bytes().replace(b"\n", b"\r\n"))
+    ref = datasets.load_dataset("text", data_files={"train": str(path)}, split="train", encoding="utf-8-sig", cache_dir=str(tmp_path / "c"))
+    assert fast_word.load_text_lines([path], tmp_path / "lines.arrow").data.column("text").equals(ref.data.column("text"))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["StreamBucketBatcher", "open_stream", "stream_splits"]
+__all__ = ["StreamBucketBatcher", "open_stream", "stream_splits", "until_first_rank_ends"]
 
 Cost = Literal["unpadded", "padded"]
 
@@ -59,12 +59,14 @@ class StreamBucketBatcher(IterableDataset):
 
     Memory: the buffer (``buffer_size`` rows), nothing per stream item.
 
-    Distributed training: ranks get different numbers of batches (their shards differ).
-    Uneven ends must not hang: train an epoch under ``DistributedDataParallel.join()``
-    (``torch.distributed.algorithms.Join``), which lets a finished rank shadow the
-    others' gradient all-reduces, so every row trains exactly once; or stop every rank
-    when the first one runs out (drop the rest of that epoch). The batcher itself never
-    communicates.
+    Distributed training: ranks get different numbers of batches (their shards differ),
+    and the batcher itself never communicates. So that the uneven end of an epoch does
+    not hang a rank in a collective, either iterate through :func:`until_first_rank_ends`
+    (every rank stops at the first rank's end; the few batches the others still held are
+    dropped for that epoch — the policy for a trainer that all-reduces every step), or,
+    when gradient all-reduces are the only collectives, train the epoch under
+    ``DistributedDataParallel.join()``, which lets finished ranks shadow them, so every
+    row trains exactly once.
 
     Resuming: :meth:`state_dict` taken between batches of a pass (the trainer's loop, with
     ``num_workers=0``) holds the shard's stream position, the buffered rows and the
@@ -364,6 +366,36 @@ class _Pass:
             self._drain()
         while self.tail:
             yield self.tail.pop(0)
+
+
+def until_first_rank_ends(batches: Iterable[Any], group=None) -> Iterator[Any]:
+    """Yield ``batches`` while every rank still has one: the uneven end of a streamed epoch.
+
+    Each step all-reduces one flag (``MIN`` of "I have a batch"), so all ranks stop
+    together at the first rank's end instead of one waiting forever in a collective;
+    the batches other ranks still held are dropped for this epoch (the next epoch draws
+    anew). A trainer that all-reduces per step already can fold the flag into that call.
+    Without an initialised process group (or with one rank) it passes ``batches`` through.
+
+    Args:
+        batches: this rank's batches (e.g. a ``DataLoader`` over a :class:`StreamBucketBatcher`).
+        group: the process group (``None``: the default one).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        batch = next(it, _END)
+        flag = torch.tensor([0 if batch is _END else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        if not flag.item():
+            return
+        yield batch
+
+
+_END = object()
 
 
 # --------------------------------------------------------------------------- a streamed source

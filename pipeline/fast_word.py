@@ -25,6 +25,7 @@ Not covered (``pipeline.prepare`` then uses ``tokenizers`` throughout): a normal
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -268,6 +269,27 @@ class WordEncoder:
         return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(np.concatenate(pieces), pa.int32()))
 
 
+class TokenizerEncoder:
+    """Encode text to ``<bos> ids <eos>`` rows with any ``tokenizers.Tokenizer``, Arrow in and out.
+
+    ``encode_batch_fast`` over a whole chunk (its Rust threads share the work), the ids
+    gathered straight into one numpy buffer: no ``Dataset.map`` batch of Python lists to
+    convert back to Arrow.
+    """
+
+    def __init__(self, tokenizer, bos: int, eos: int) -> None:
+        self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
+        self.encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+
+    def encode(self, text: pa.Array) -> pa.ListArray:
+        """``<bos> ids <eos>`` for every row of a string array (nulls read as ``""``)."""
+        text = pc.fill_null(text, "") if text.null_count else text
+        ids = [e.ids for e in self.encode_batch(text.to_pylist(), add_special_tokens=False)]
+        n_words = np.fromiter(map(len, ids), np.int64, len(ids))
+        word_ids = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(n_words.sum()))
+        return _frame(word_ids, n_words, self.bos, self.eos)
+
+
 def _frame(word_ids: np.ndarray, n_words: np.ndarray, bos: int, eos: int) -> pa.ListArray:
     """Consecutive rows of ``n_words`` word ids each, with ``bos`` before and ``eos`` after each row."""
     offsets = np.zeros(len(n_words) + 1, np.int64)
@@ -290,7 +312,7 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
     Args:
         ds: the split (its text column is read as Arrow, never as Python strings).
         column: the text column.
-        encoder: a :class:`WordEncoder`.
+        encoder: a :class:`WordEncoder` or :class:`TokenizerEncoder`.
         features: the output ``datasets.Features`` (``input_ids``, ``length``).
         path: the Arrow file to write.
 
@@ -307,7 +329,8 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
         return pa.table({"input_ids": pa.ListArray.from_arrays(ids.offsets, ids.values.cast(id_type)), "length": lengths})
 
     writer = ArrowWriter(features=features, path=str(path))
-    for t in _threaded(table, _text_chunks(ds, column, rows)):
+    threads = THREADS if isinstance(encoder, WordEncoder) else 1  # tokenizers runs its own threads
+    for t in _threaded(table, _text_chunks(ds, column, rows), threads):
         writer.write_table(t)
     if writer._num_examples == 0 and writer.pa_writer is None:  # an empty split: still a valid file
         writer.write_table(pa.table({"input_ids": pa.array([], pa.list_(id_type)), "length": pa.array([], pa.int32())}))

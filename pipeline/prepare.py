@@ -327,9 +327,11 @@ def _encode(cfg: DataConfig, ds, tokenizer, text_column: str, ids: dict, split: 
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= cfg.num_proc * cfg.batch_size else None
     from pipeline import fast_word
 
-    if fast_word.WordEncoder.supports(tokenizer):
-        # word level: split, look up and frame on Arrow buffers, same ids as the tokenizer (fast_word.py)
-        encoder = fast_word.WordEncoder(tokenizer, ids["<bos>"], ids["<eos>"])
+    if fast_word.WordEncoder.supports(tokenizer) or num_proc is None:
+        # word level: split, look up and frame on Arrow buffers, same ids as the tokenizer; else
+        # encode_batch_fast on large Arrow chunks, ids straight to numpy (fast_word.py)
+        kind = fast_word.WordEncoder if fast_word.WordEncoder.supports(tokenizer) else fast_word.TokenizerEncoder
+        encoder = kind(tokenizer, ids["<bos>"], ids["<eos>"])
         folder = Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else Path(tempfile.mkdtemp(prefix="rnnlm-encode-"))
         path = folder / f"encoded-{split}-{os.getpid()}-{time.time_ns()}.arrow"
         enc = fast_word.encode_dataset(ds, text_column, encoder, features, path)

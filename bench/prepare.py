@@ -206,17 +206,19 @@ def subword(args, work: Path) -> list[str]:
         tok_dir = work / f"tok-{kind}"
         run(prepare_cmd(args.data, tok_dir, 1, f"data.tokenizer.kind={kind}"))
         tok = tok_dir / "tokenizer.json"
-        for batch in (1000, 10000):
-            out = work / f"out-{kind}"
-            res = run(prepare_cmd(corpus, out, 1, f"data.tokenizer.path={tok}", f"data.batch_size={batch}"))
-            tokens = sum(s["tokens"] for s in json.loads((out / "manifest.json").read_text())["splits"].values())
-            shutil.rmtree(out)
+        out = work / f"out-{kind}"
+        res = run(prepare_cmd(corpus, out, 1, f"data.tokenizer.path={tok}"))
+        tokens = sum(s["tokens"] for s in json.loads((out / "manifest.json").read_text())["splits"].values())
+        shutil.rmtree(out)
+        lines.append(f"{kind:9s} x{args.subword_scale}: pipeline.prepare {tokens / res.wall_s / 1e6:.2f} M tok/s ({res.wall_s:.1f} s, "
+                     f"imports, reading and writing included; peak RSS {res.peak_rss_mb:,.0f} MB)")
+        print(lines[-1], flush=True)
+        for batch in (1000, 65536):  # datasets.map's default batch; prepare's Arrow chunk
             alone = run([sys.executable, "-c", ENCODE_ONLY, str(tok), str(corpus), str(batch)])
             a_tokens, a_s = alone.stdout.split()
             same = "same tokens" if int(a_tokens) == tokens else f"TOKENS DIFFER ({int(a_tokens):,} vs {tokens:,})"
-            lines.append(f"{kind:9s} x{args.subword_scale} batch {batch:>5}: pipeline.prepare {tokens / res.wall_s / 1e6:.2f} M tok/s "
-                         f"({res.wall_s:.1f} s, imports and load included), encode_batch_fast alone {int(a_tokens) / float(a_s) / 1e6:.2f} "
-                         f"M tok/s ({float(a_s):.1f} s); prepare / alone = {int(a_tokens) / float(a_s) * res.wall_s / tokens:.2f}x time ({same})")
+            lines.append(f"{'':9s} encode_batch_fast alone, batches of {batch:>5}: {int(a_tokens) / float(a_s) / 1e6:.2f} M tok/s "
+                         f"({float(a_s):.1f} s); prepare takes {res.wall_s / float(a_s):.2f}x its time ({same})")
             print(lines[-1], flush=True)
     if corpus != args.data:
         shutil.rmtree(corpus)

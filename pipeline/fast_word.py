@@ -42,19 +42,20 @@ ROWS_PER_CHUNK = 1 << 16  # rows per Arrow chunk: large enough that per-chunk Py
 THREADS = min(4, os.cpu_count() or 1)
 
 
-def _text_chunks(ds, column: str, rows: int = ROWS_PER_CHUNK) -> Iterator[pa.Array]:
+def _text_chunks(ds, column: str, rows: int | None = None) -> Iterator[pa.Array]:
     """The text column of a ``datasets.Dataset`` in chunks, nulls as ``""``.
 
     Zero-copy slices of the memory-mapped table when the dataset has no indices mapping
     (a split as loaded); through ``datasets``' Arrow formatting otherwise (a held-out split).
     """
+    rows = rows or ROWS_PER_CHUNK
     if getattr(ds, "_indices", None) is None:
-        col = ds.data.table.column(column) if hasattr(ds.data, "table") else ds.data.column(column)
-        tables = (col.slice(start, rows) for start in range(0, len(col), rows))
+        whole = ds.data.table.column(column) if hasattr(ds.data, "table") else ds.data.column(column)
+        pieces = (whole.slice(start, rows) for start in range(0, len(whole), rows))
     else:
-        tables = (t.column(0) for t in ds.select_columns([column]).with_format("arrow").iter(batch_size=rows))
-    for col in tables:
-        arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+        pieces = (t.column(0) for t in ds.select_columns([column]).with_format("arrow").iter(batch_size=rows))
+    for piece in pieces:
+        arr = piece.combine_chunks() if piece.num_chunks != 1 else piece.chunk(0)
         yield pc.fill_null(arr, "") if arr.null_count else arr
 
 
@@ -303,7 +304,7 @@ def _frame(word_ids: np.ndarray, n_words: np.ndarray, bos: int, eos: int) -> pa.
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 
-def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, rows: int = ROWS_PER_CHUNK):
+def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, rows: int | None = None):
     """Encode a ``datasets.Dataset`` chunk by chunk into an Arrow file; return it memory-mapped.
 
     The rows are written as they are made (datasets' own ``ArrowWriter``, the format

@@ -119,14 +119,17 @@ def test_wikitext2_prepared_ids_identical_to_tokenizers(wikitext2_prepared, wiki
     _check_prepared_equals_reference(wikitext2_prepared, wikitext2)
 
 
-def test_ptb_prepared_ids_identical_to_tokenizers(ptb, tmp_path):
+def test_ptb_prepared_ids_identical_to_tokenizers(ptb, tmp_path, monkeypatch):
+    monkeypatch.setattr(fast_word, "ROWS_PER_CHUNK", 1000)  # 43 train chunks: counts merged, rows in order
+    monkeypatch.setattr(fast_word, "BLOCK_BYTES", 1 << 16)  # and 80 blocks of lines
     out = tmp_path / "ptb"
     cfg = load_data_config(REPO_ROOT / "recipes" / "wikitext.yaml", [f"data.source.dir={ptb}", f"data.output={out}"])
     prepare(cfg, quiet=True)
     _check_prepared_equals_reference(out, ptb)
 
 
-def test_prepare_jsonl_with_unicode_whitespace_identical(data_cfg, tmp_path):
+def test_prepare_jsonl_with_unicode_whitespace_identical(data_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(fast_word, "ROWS_PER_CHUNK", 3)  # rows needing tokenizers land in several chunks
     # jsonl keeps \r, \x1c.., U+2028 inside a row (the text loader would break lines there)
     src = tmp_path / "src"
     src.mkdir()

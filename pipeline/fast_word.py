@@ -109,16 +109,21 @@ def _without_rows(text: pa.Array, rows: np.ndarray) -> pa.Array:
 
 def count_words(chunks: Iterator[pa.Array], threads: int = THREADS) -> dict[str, int]:
     """How often each ``WhitespaceSplit`` pre-token occurs in the text chunks."""
+    def merge(tables: list[pa.Table]) -> pa.Table:  # a group-by in Arrow: no Python object per word
+        g = pa.concat_tables(tables).group_by("w").aggregate([("c", "sum")])
+        return pa.table({"w": g.column("w"), "c": g.column("c_sum")})
+
     parts, extra = [], {}
     for table, odd in _threaded(_count_chunk, chunks, threads):
         parts.append(table)
+        if len(parts) >= 32:  # memory grows with the vocabulary, not with the corpus
+            parts = [merge(parts)]
         for w, n in odd.items():
             extra[w] = extra.get(w, 0) + n
     if not parts:
         return extra
-    # one group-by over the per-chunk counts: never a Python object per occurrence
-    total = pa.concat_tables(parts).group_by("w").aggregate([("c", "sum")])
-    counts = dict(zip(total.column("w").to_pylist(), total.column("c_sum").to_pylist()))
+    total = merge(parts)
+    counts = dict(zip(total.column("w").to_pylist(), total.column("c").to_pylist()))
     counts.pop("", None)  # utf8_split_whitespace keeps empty edge pieces; WhitespaceSplit has none
     for w, n in extra.items():
         counts[w] = counts.get(w, 0) + n

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -107,19 +108,41 @@ def _without_rows(text: pa.Array, rows: np.ndarray) -> pa.Array:
 # --------------------------------------------------------------------------- training
 
 
-def count_words(chunks: Iterator[pa.Array], threads: int = THREADS) -> dict[str, int]:
-    """How often each ``WhitespaceSplit`` pre-token occurs in the text chunks."""
+def split_words(text: pa.Array) -> pa.ListArray:
+    """``utf8_split_whitespace`` pieces per row, dictionary-encoded (``list<dictionary<int32, string>>``)."""
+    split = pc.utf8_split_whitespace(text)
+    return pa.ListArray.from_arrays(split.offsets, pc.list_flatten(split).dictionary_encode())
+
+
+def count_words(chunks: Iterator[pa.Array], threads: int = THREADS, spill: Path | None = None) -> dict[str, int]:
+    """How often each ``WhitespaceSplit`` pre-token occurs in the text chunks.
+
+    Args:
+        chunks: string arrays.
+        threads: chunks processed at once.
+        spill: if given, the split words of every chunk are written there (an Arrow IPC
+            stream, one batch per chunk), so that encoding the same chunks later need not
+            split and hash them again (:func:`encode_dataset`).
+    """
     def merge(tables: list[pa.Table]) -> pa.Table:  # a group-by in Arrow: no Python object per word
         g = pa.concat_tables(tables).group_by("w").aggregate([("c", "sum")])
         return pa.table({"w": g.column("w"), "c": g.column("c_sum")})
 
-    parts, extra = [], {}
-    for table, odd in _threaded(_count_chunk, chunks, threads):
-        parts.append(table)
-        if len(parts) >= 32:  # memory grows with the vocabulary, not with the corpus
-            parts = [merge(parts)]
-        for w, n in odd.items():
-            extra[w] = extra.get(w, 0) + n
+    parts, extra, writer = [], {}, None
+    try:
+        for table, odd, words in _threaded(_count_chunk, chunks, threads):
+            parts.append(table)
+            if len(parts) >= 32:  # memory grows with the vocabulary, not with the corpus
+                parts = [merge(parts)]
+            for w, n in odd.items():
+                extra[w] = extra.get(w, 0) + n
+            if spill is not None:
+                if writer is None:
+                    writer = pa.ipc.new_stream(str(spill), pa.schema([("words", words.type)]))
+                writer.write_batch(pa.record_batch([words], names=["words"]))
+    finally:
+        if writer is not None:
+            writer.close()
     if not parts:
         return extra
     total = merge(parts)
@@ -130,7 +153,7 @@ def count_words(chunks: Iterator[pa.Array], threads: int = THREADS) -> dict[str,
     return counts
 
 
-def _count_chunk(text: pa.Array) -> tuple[pa.Table, dict[str, int]]:
+def _count_chunk(text: pa.Array) -> tuple[pa.Table, dict[str, int], pa.ListArray]:
     from tokenizers import pre_tokenizers
 
     odd, extra = _rows_with_arrow_only_space(text), {}
@@ -139,8 +162,31 @@ def _count_chunk(text: pa.Array) -> tuple[pa.Table, dict[str, int]]:
         for i in odd:
             for w, _ in split.pre_tokenize_str(text[int(i)].as_py()):
                 extra[w] = extra.get(w, 0) + 1
-    vc = pc.value_counts(pc.list_flatten(pc.utf8_split_whitespace(_without_rows(text, odd))))
-    return pa.table({"w": vc.field("values"), "c": vc.field("counts")}), extra
+    words = split_words(_without_rows(text, odd))  # odd rows: empty here, re-encoded by tokenizers later
+    dictionary, indices = words.values.dictionary, words.values.indices.to_numpy(zero_copy_only=False)
+    counts = np.bincount(indices, minlength=len(dictionary))
+    return pa.table({"w": dictionary, "c": pa.array(counts, pa.int64())}), extra, words
+
+
+def count_dataset_words(ds, column: str) -> dict[str, int]:
+    """:func:`count_words` over a ``datasets.Dataset``'s text column, keeping the split words
+    for :func:`encode_dataset` of the same dataset (in a file next to its cache)."""
+    spill = _scratch(ds, "words")
+    counts = count_words(_text_chunks(ds, column), spill=spill)
+    _SPILLS[ds] = (spill, column)
+    return counts
+
+
+def _scratch(ds, what: str) -> Path:
+    """A fresh file name in the dataset's cache folder (or a temporary one)."""
+    import tempfile
+    import time
+
+    folder = Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else Path(tempfile.mkdtemp(prefix="rnnlm-"))
+    return folder / f"{what}-{os.getpid()}-{time.time_ns()}.arrow"
+
+
+_SPILLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dataset → (split words file, column)
 
 
 def word_vocab(counts: dict[str, int], specials: Sequence[str], vocab_size: int | None, min_frequency: int) -> list[str]:
@@ -223,18 +269,24 @@ class WordEncoder:
             odd |= exact & (dict_ids != tid)
         return np.flatnonzero(odd)
 
-    def encode(self, text: pa.Array) -> pa.ListArray:
+    def encode(self, text: pa.Array, words: pa.ListArray | None = None) -> pa.ListArray:
         """``<bos> ids <eos>`` for every row of a string array (nulls read as ``""``).
+
+        Args:
+            text: the rows.
+            words: ``split_words(text)`` if already made (rows holding U+001C..U+001F may
+                have been emptied in it: they are re-encoded from ``text`` either way).
 
         Returns:
             A ``list<int32>`` array, one row per text row.
         """
         text = pc.fill_null(text, "") if text.null_count else text
         odd_rows = set(_rows_with_arrow_only_space(text).tolist())
-        split = pc.utf8_split_whitespace(text)
-        piece_offsets = split.offsets.to_numpy()  # (n_rows + 1,): a fresh array, so offsets start at 0
+        words = split_words(text) if words is None else words
+        piece_offsets = words.offsets.to_numpy()  # (n_rows + 1,)
+        piece_offsets = piece_offsets - piece_offsets[0]
         n_words = np.diff(piece_offsets).astype(np.int64)  # (n_rows,)
-        enc = pc.list_flatten(split).dictionary_encode()
+        enc = words.values.slice(words.offsets[0].as_py(), int(piece_offsets[-1]))
         dictionary, indices = enc.dictionary, enc.indices.to_numpy(zero_copy_only=False)
         dict_ids = pc.fill_null(pc.index_in(dictionary, value_set=self.vocab), self.unk).to_numpy(zero_copy_only=False)
         dict_ids = dict_ids.astype(np.int32)  # a writable copy
@@ -329,15 +381,27 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
     from datasets.arrow_writer import ArrowWriter
 
     id_type = features["input_ids"].feature.pa_type
-    def table(text: pa.Array) -> pa.Table:
-        ids = encoder.encode(text)
+    def table(item: tuple[pa.Array, pa.ListArray | None]) -> pa.Table:
+        ids = encoder.encode(*item) if isinstance(encoder, WordEncoder) else encoder.encode(item[0])
         lengths = pc.list_value_length(ids).cast(pa.int32())
         return pa.table({"input_ids": pa.ListArray.from_arrays(ids.offsets, ids.values.cast(id_type)), "length": lengths})
 
     writer = ArrowWriter(features=features, path=str(path))
     threads = THREADS if isinstance(encoder, WordEncoder) else 1  # tokenizers runs its own threads
-    for t in _threaded(table, _text_chunks(ds, column, rows), threads):
-        writer.write_table(t)
+    spill, spill_column = _SPILLS.pop(ds, (None, None))
+    chunks = _text_chunks(ds, column, rows)
+    if spill is not None and spill_column == column and rows is None:
+        # the words count_dataset_words split and hashed already, chunk for chunk
+        batches = (b.column(0) for b in pa.ipc.open_stream(pa.memory_map(str(spill))))
+        items = zip(chunks, batches, strict=True)
+    else:
+        items = ((c, None) for c in chunks)
+    try:
+        for t in _threaded(table, items, threads):
+            writer.write_table(t)
+    finally:
+        if spill is not None:
+            spill.unlink(missing_ok=True)
     if writer._num_examples == 0 and writer.pa_writer is None:  # an empty split: still a valid file
         writer.write_table(pa.table({"input_ids": pa.array([], pa.list_(id_type)), "length": pa.array([], pa.int32())}))
     writer.finalize()

@@ -209,7 +209,7 @@ def _build_tokenizer(cfg: DataConfig, train, text_column: str, quiet: bool = Fal
         # the same tokenizer WordLevelTrainer makes, counted on Arrow buffers (pipeline/fast_word.py)
         from pipeline import fast_word
 
-        counts = fast_word.count_words(fast_word._text_chunks(train, text_column))
+        counts = fast_word.count_dataset_words(train, text_column)
         words = fast_word.word_vocab(counts, SPECIALS, tc.vocab_size, tc.min_frequency)
         return fast_word.word_tokenizer(words, SPECIALS, unk="<unk>")
     norms = ([normalizers.NFKC()] if tc.nfkc else []) + ([normalizers.Lowercase()] if tc.lowercase else [])

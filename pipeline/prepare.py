@@ -2,7 +2,8 @@
 
 source (hub id or local files, through ``datasets``)
   → tokenizer (trained on train, streamed, or loaded; through ``tokenizers``)
-  → ``<bos> ids <eos>`` per sequence + a ``length`` column (``Dataset.map``)
+  → ``<bos> ids <eos>`` per sequence + a ``length`` column (Arrow kernels and
+    ``encode_batch_fast`` on Arrow chunks, ``pipeline/fast_word.py``; ``Dataset.map`` with num_proc > 1)
   → ``data.output/{train,validation,test}/`` (memory-mappable Arrow),
     ``tokenizer.json`` and ``manifest.json``.
 

@@ -137,6 +137,7 @@ class StreamBucketBatcher(IterableDataset):
         self.epoch = 0
         self._live: _Pass | None = None  # the pass being iterated in this process
         self._restore: dict | None = None  # a loaded state, for the next pass
+        self._finished: dict | None = None  # the state at the end of the last complete pass
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next pass's draws (and the source's, if it has ``set_epoch``)."""
@@ -161,9 +162,10 @@ class StreamBucketBatcher(IterableDataset):
         if state is not None and (state["num_shards"], state["shard"]) != (num_shards, shard):
             raise ValueError(f"state of shard {state['shard']}/{state['num_shards']} loaded into shard {shard}/{num_shards}")
         p = _Pass(self, num_shards, shard, state)
-        self._live = p
+        self._live, self._finished = p, None
         try:
             yield from p.run()
+            self._finished = p.state()  # a checkpoint after the last batch must not replay the epoch
         finally:
             if self._live is p:
                 self._live = None
@@ -176,7 +178,9 @@ class StreamBucketBatcher(IterableDataset):
                 "bin_sample": self.bin_sample, "shuffle": self.shuffle, "seed": self.seed}
 
     def state_dict(self) -> dict[str, Any]:
-        """The pass in progress (or, between passes, the start of the current epoch).
+        """The pass in progress; after a complete pass, its end (loading it makes the next
+        pass of that epoch empty; ``set_epoch(epoch + 1)`` starts the next one); before
+        any pass, the start of the current epoch.
 
         Returns:
             ``{"epoch", "num_shards", "shard", "consumed", "bins", "buffer", "rng",
@@ -187,6 +191,8 @@ class StreamBucketBatcher(IterableDataset):
             return self._live.state()
         if self._restore is not None:
             return self._restore
+        if self._finished is not None and self._finished["epoch"] == self.epoch:
+            return self._finished
         num_shards, shard = self._shard()
         return {"epoch": self.epoch, "num_shards": num_shards, "shard": shard, "consumed": 0, "bins": None,
                 "buffer": [], "rng": None, "upstream": None, "done": False, "config": self._config()}

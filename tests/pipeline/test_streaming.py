@@ -265,8 +265,11 @@ def test_trains_a_model_from_a_streamed_source(data_cfg, tmp_path):
             losses.append(loss.item())
             tokens += int(batch.num_tokens)
         if epoch == 0:
-            state = batcher.state_dict()  # between passes: the start of epoch 0 again
+            state = batcher.state_dict()  # after the pass: its end
     n_predicted = sum(len(r["input_ids"]) - 1 for r in splits["train"])
     assert tokens == 3 * n_predicted  # every predicted token once per epoch
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0  # it learns
-    assert state["consumed"] == 0 and state["epoch"] == 0
+    assert state["done"] and state["epoch"] == 0 and not state["buffer"] and not state["tail"]
+    again = StreamBucketBatcher(splits["train"], max_tokens=256, buffer_size=64, seed=0)
+    again.load_state_dict(state)
+    assert list(again) == []  # resuming after the last batch does not replay the epoch

@@ -141,6 +141,8 @@ class StreamBucketBatcher(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next pass's draws (and the source's, if it has ``set_epoch``)."""
+        if self._restore is not None and self._restore["epoch"] != int(epoch):
+            self._restore = None  # a loaded state belongs to its own epoch only
         self.epoch = int(epoch)
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(self.epoch)

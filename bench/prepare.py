@@ -98,6 +98,7 @@ print(tokens, time.perf_counter() - t0)
 @dataclass
 class Run:
     wall_s: float
+    cpu_s: float  # the child's user + system time (its threads included; less sensitive to other jobs)
     peak_rss_mb: float
     tree_pss_mb: float | None
     tree_anon_mb: float | None
@@ -169,7 +170,7 @@ def run(cmd: list[str], cwd: Path = REPO) -> Run:
         stdout, stderr = out.read().decode(), err.read().decode()
     if child.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} exited with {child.returncode}:\n{stderr[-2000:]}")
-    return Run(wall, usage.ru_maxrss / 1024, peak[0], peak[1], stdout)
+    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, peak[0], peak[1], stdout)
 
 
 def fmt(mb: float | None) -> str:
@@ -247,7 +248,7 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # other jobs on the machine skew wall times
     print(f"cpus {os.cpu_count()}, load average {load}, python {sys.version.split()[0]}, work folder {work}", flush=True)
 
-    header = ("corpus", "tool", "wall s", "tokens", "Mtok/s", "peak RSS MB", "tree PSS MB", "anon PSS MB")
+    header = ("corpus", "tool", "wall s", "cpu s", "tokens", "Mtok/s", "peak RSS MB", "tree PSS MB", "anon PSS MB")
     rows, ratios = [header], []
     try:
         for r in scales:
@@ -255,6 +256,7 @@ def main() -> None:
             name = f"wt2 x{r} ({sum((corpus / n).stat().st_size for n in ('train.txt', 'valid.txt', 'test.txt')) / 1e6:,.0f} MB)"
             best: dict[str, tuple[Run, int]] = {}
             walls: dict[str, list[float]] = {}
+            cpus: dict[str, list[float]] = {}
             for _ in range(args.rounds):  # interleaved: ours, anchor, ours, anchor, ...
                 for n in procs:
                     out = work / f"out-x{r}-np{n}"
@@ -263,6 +265,7 @@ def main() -> None:
                     tokens = sum(s["tokens"] for s in m["splits"].values())
                     key = f"pipeline.prepare num_proc={n}"
                     walls.setdefault(key, []).append(res.wall_s)
+                    cpus.setdefault(key, []).append(res.cpu_s)
                     if key not in best or res.wall_s < best[key][0].wall_s:
                         best[key] = (res, tokens)
                     shutil.rmtree(out)
@@ -271,11 +274,12 @@ def main() -> None:
                     tokens, vocab = map(int, res.stdout.split())
                     key = "pytorch/examples data.py"
                     walls.setdefault(key, []).append(res.wall_s)
+                    cpus.setdefault(key, []).append(res.cpu_s)
                     if key not in best or res.wall_s < best[key][0].wall_s:
                         best[key] = (res, tokens)
-                print(f"{name} round: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
+                print(f"{name} round: " + ", ".join(f"{k} {v[-1]:.1f} s (cpu {cpus[k][-1]:.1f} s)" for k, v in walls.items()), flush=True)
             for key, (res, tokens) in best.items():
-                rows.append((name, key, f"{res.wall_s:.1f}", f"{tokens:,}", f"{tokens / res.wall_s / 1e6:.2f}",
+                rows.append((name, key, f"{res.wall_s:.1f}", f"{res.cpu_s:.1f}", f"{tokens:,}", f"{tokens / res.wall_s / 1e6:.2f}",
                              fmt(res.peak_rss_mb), fmt(res.tree_pss_mb), fmt(res.tree_anon_mb)))
             anchor = best.get("pytorch/examples data.py")
             if anchor:
@@ -284,8 +288,10 @@ def main() -> None:
                     mine, my_tokens = best[key]
                     same = "same tokens" if my_tokens == anchor[1] else f"TOKENS DIFFER ({my_tokens:,} vs {anchor[1]:,})"
                     per_round = ", ".join(f"{a / m:.2f}" for a, m in zip(walls["pytorch/examples data.py"], walls[key]))
+                    cpu_ratio = min(cpus["pytorch/examples data.py"]) / min(cpus[key])
                     ratios.append(f"{name}: pytorch/examples wall / pipeline.prepare (num_proc={n}) wall = "
                                   f"{anchor[0].wall_s / mine.wall_s:.2f}x best vs best (rounds: {per_round}), "
+                                  f"cpu time ratio {cpu_ratio:.2f}x, "
                                   f"peak RSS ratio {anchor[0].peak_rss_mb / mine.peak_rss_mb:.2f}x ({same})")
             if corpus != args.data:
                 shutil.rmtree(corpus)

@@ -409,7 +409,7 @@ _END = object()
 # --------------------------------------------------------------------------- a streamed source
 
 
-def stream_splits(cfg, tokenizer=None, *, sample_lines: int = 100_000) -> dict[str, Iterable[dict]]:
+def stream_splits(cfg, tokenizer=None, *, sample_lines: int | None = None) -> dict[str, Iterable[dict]]:
     """Encoded rows per split, read with ``datasets.load_dataset(..., streaming=True)``.
 
     Nothing is written: each split is a Hugging Face ``IterableDataset`` whose rows are
@@ -425,7 +425,8 @@ def stream_splits(cfg, tokenizer=None, *, sample_lines: int = 100_000) -> dict[s
         tokenizer: a ``tokenizers.Tokenizer``; ``None`` loads ``cfg.tokenizer.path`` or,
             if that is unset, trains ``cfg.tokenizer`` on the first ``sample_lines``
             lines of the train stream.
-        sample_lines: lines of train a tokenizer is trained on when none is given.
+        sample_lines: lines of train a tokenizer is trained on when none is given
+            (``None``: ``cfg.stream.sample_lines``).
 
     Returns:
         ``{"train": ..., "validation": ..., "test": ...}`` for the splits the source has
@@ -435,7 +436,7 @@ def stream_splits(cfg, tokenizer=None, *, sample_lines: int = 100_000) -> dict[s
     return open_stream(cfg, tokenizer, sample_lines=sample_lines)[0]
 
 
-def open_stream(cfg, tokenizer=None, *, sample_lines: int = 100_000):
+def open_stream(cfg, tokenizer=None, *, sample_lines: int | None = None):
     """Like :func:`stream_splits`, also returning the tokenizer (to save next to checkpoints).
 
     Returns:
@@ -468,9 +469,10 @@ def open_stream(cfg, tokenizer=None, *, sample_lines: int = 100_000):
     col = cfg.text_column
     if tokenizer is None:
         if cfg.tokenizer.path is None:
-            sample = datasets.Dataset.from_list(list(itertools.islice(iter(raw["train"].select_columns([col])), sample_lines)))
-            if col not in sample.column_names:
-                raise UserError(f"the train stream has no column {col!r}; set data.text_column")
+            first = list(itertools.islice(iter(raw["train"]), sample_lines or cfg.stream.sample_lines))
+            if first and col not in first[0]:
+                raise UserError(f"the train stream has no column {col!r} (columns: {', '.join(first[0])}); set data.text_column")
+            sample = datasets.Dataset.from_dict({col: [r[col] for r in first]})
             tokenizer = _build_tokenizer(cfg, sample, col, quiet=True)
         else:
             tokenizer = _build_tokenizer(cfg, None, col, quiet=True)

@@ -392,7 +392,8 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
     chunks = _text_chunks(ds, column, rows)
     if spill is not None and spill_column == column and rows is None:
         # the words count_dataset_words split and hashed already, chunk for chunk
-        batches = (b.column(0) for b in pa.ipc.open_stream(pa.memory_map(str(spill))))
+        # read, not memory-mapped: each batch is freed after use, so the spill never counts in RSS
+        batches = (b.column(0) for b in pa.ipc.open_stream(pa.OSFile(str(spill))))
         items = zip(chunks, batches, strict=True)
     else:
         items = ((c, None) for c in chunks)

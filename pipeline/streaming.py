@@ -41,7 +41,7 @@ class StreamBucketBatcher(IterableDataset):
        reads and the others idle), so for it only ranks are sharded here.
     2. **Bins.** ``bins`` (ascending upper length edges) if given; else quantiles of the
        first ``bin_sample`` lengths of the shard, ``num_bins`` of them.
-    3. **Buffer.** Rows enter their bin, kept sorted by (length, stream position). When
+    3. **Buffer.** Rows enter their bin, sorted by (length, stream position). When
        ``buffer_size`` rows are held, one batch leaves: a bin is drawn (seeded; chance
        proportional to its rows, among bins holding more than one batch's budget, else
        the fullest), and the batch is the run of the bin's sorted rows from a drawn start,
@@ -52,7 +52,8 @@ class StreamBucketBatcher(IterableDataset):
     5. **End.** When the stream ends, every bin is cut into batches (the last of a bin
        may be short), and those batches come out in a seeded random order.
 
-    Rows are yielded as they came (lists, arrays or dict rows), longest first in a batch.
+    Rows are yielded as they came (lists, arrays or dict rows), longest first in a batch
+    (equal lengths: later stream position first).
     Randomness comes from ``np.random.default_rng([seed, epoch, shard])``; call
     :meth:`set_epoch` before each pass (also passed on to ``source.set_epoch``, which a
     Hugging Face ``IterableDataset`` uses to reshuffle).
@@ -147,9 +148,6 @@ class StreamBucketBatcher(IterableDataset):
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(self.epoch)
 
-    def _length(self, row: Any) -> int:
-        return len(row[self.key]) if isinstance(row, dict) else len(row)
-
     def _shard(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
@@ -213,10 +211,6 @@ class StreamBucketBatcher(IterableDataset):
         self._restore = state
 
 
-def _order(entry: tuple[int, int, Any]) -> tuple[int, int]:
-    return entry[0], entry[1]  # (length, stream position): never the row itself
-
-
 class _Pass:
     """One pass of one shard: the buffer, the draws, the stream position."""
 
@@ -229,6 +223,8 @@ class _Pass:
         # per bin: (length, position, row), sorted
         self.bins: list[list[tuple[int, int, Any]]] = [[] for _ in self.edges or ()]
         self.tokens = [0] * len(self.bins)  # per bin: the sum of its lengths
+        self.longest = [0] * len(self.bins)  # per bin: its longest length
+        self.unsorted: set[int] = set()  # bins appended to since their last sort
         self.held = 0
         self.done = False  # the stream ended; the tail batches are being emitted
         self.tail: list[list[Any]] = []
@@ -242,11 +238,9 @@ class _Pass:
                 self.sample = rows
             else:
                 self.bins = [[] for _ in range(len(self.edges))]
-                self.tokens = [0] * len(self.edges)
-                for r in rows:  # saved bin by bin, each sorted: appending keeps the order
-                    i = self._bin(r[0])
-                    self.bins[i].append(r)
-                    self.tokens[i] += r[0]
+                self.tokens, self.longest = [0] * len(self.edges), [0] * len(self.edges)
+                for r in rows:  # a bin's order does not matter: it is sorted before every cut
+                    self._add(r)
             self.held = len(rows)
             self.tail = [list(t) for t in state.get("tail", [])]
 
@@ -281,8 +275,10 @@ class _Pass:
 
     def _add(self, entry: tuple[int, int, Any]) -> None:
         i = self._bin(entry[0])
-        bisect.insort(self.bins[i], entry, key=_order)
+        self.bins[i].append(entry)  # sorted when a batch is cut from the bin (see _cut)
+        self.unsorted.add(i)
         self.tokens[i] += entry[0]
+        self.longest[i] = max(self.longest[i], entry[0])
         self.held += 1
 
     def _estimate_bins(self) -> None:
@@ -290,7 +286,7 @@ class _Pass:
         qs = np.quantile(lengths, np.linspace(0, 1, self.b.num_bins + 1)[1:], method="higher") if len(lengths) else [1]
         self.edges = sorted({int(q) for q in qs})
         self.bins = [[] for _ in self.edges]
-        self.tokens = [0] * len(self.edges)
+        self.tokens, self.longest = [0] * len(self.edges), [0] * len(self.edges)
         sample, self.sample, self.held = self.sample, [], 0
         for e in sample:
             self._add(e)
@@ -308,30 +304,46 @@ class _Pass:
     def _full(self, i: int) -> bool:
         """Whether bin ``i`` holds more than one batch's budget (O(1): its rows, their sum, its longest)."""
         bin_ = self.bins[i]
-        return bool(bin_) and not self._fits(len(bin_), self.tokens[i], bin_[-1][0])
+        return bool(bin_) and not self._fits(len(bin_), self.tokens[i], self.longest[i])
 
     def _cut(self, i: int, start: int) -> list[tuple[int, int, Any]]:
         """Remove and return the run of bin ``i`` from ``start`` (then below it) that fills the budget."""
-        bin_ = self.bins[i]
-        hi = start
-        total, longest = 0, 0
-        while hi < len(bin_) and self._fits(hi - start + 1, total + bin_[hi][0], max(longest, bin_[hi][0])):
-            total, longest = total + bin_[hi][0], max(longest, bin_[hi][0])
-            hi += 1
-        lo = start
-        while lo > 0 and self._fits(hi - lo + 1, total + bin_[lo - 1][0], longest):  # shorter rows: longest stays
-            total += bin_[lo - 1][0]
-            lo -= 1
+        bin_, bs, mt = self.bins[i], self.b.batch_size, self.b.max_tokens
+        if i in self.unsorted:
+            bin_.sort()  # (length, position) tuples compare in C; positions are unique
+            self.unsorted.discard(i)
+        n = len(bin_)
+        if mt is None:  # rows only: no per-row test
+            hi = min(start + bs, n)
+            lo = max(0, hi - bs)
+            total = sum(e[0] for e in bin_[lo:hi])
+        else:
+            padded, rows_cap = self.b.cost == "padded", bs or n
+            hi, total, longest = start, 0, 0
+            while hi < n and hi - start < rows_cap:
+                length = bin_[hi][0]  # ascending: the newest row is the longest
+                if (hi - start + 1) * length > mt if padded else total + length > mt:
+                    break
+                total, longest = total + length, length
+                hi += 1
+            lo = start
+            while lo > 0 and hi - lo < rows_cap:  # shorter rows: the longest stays
+                length = bin_[lo - 1][0]
+                if (hi - lo + 1) * longest > mt if padded else total + length > mt:
+                    break
+                total += length
+                lo -= 1
         batch = bin_[lo:hi]
         del bin_[lo:hi]
         self.held -= len(batch)
         self.tokens[i] -= total
+        self.longest[i] = bin_[-1][0] if bin_ else 0
         return batch
 
     def _emit(self) -> list[Any]:
         """One batch from the buffer (step 3 of the class docstring)."""
-        counts = np.array([len(b) for b in self.bins])
-        full = np.array([self._full(i) for i in range(len(self.bins))])
+        counts = np.fromiter(map(len, self.bins), np.int64, len(self.bins))
+        full = np.fromiter((self._full(i) for i in range(len(self.bins))), bool, len(self.bins))
         if self.b.shuffle:
             weights = counts * full if full.any() else (counts == counts.max()) * counts
             i = int(self.rng.choice(len(self.bins), p=weights / weights.sum()))
@@ -341,7 +353,7 @@ class _Pass:
         return self._rows(self._cut(i, start))
 
     def _rows(self, batch: list[tuple[int, int, Any]]) -> list[Any]:
-        return [e[2] for e in sorted(batch, key=lambda e: (-e[0], e[1]))]
+        return [e[2] for e in reversed(batch)]  # a run of an ascending bin: longest first
 
     def _drain(self) -> None:
         """Cut every bin into batches and order them (step 5)."""
@@ -355,11 +367,11 @@ class _Pass:
         self.tail = [batches[i] for i in order]
 
     def run(self) -> Iterator[list[Any]]:
-        b = self.b
+        b, key, cap = self.b, self.b.key, self.b.max_tokens or float("inf")
         if not self.done:
             for pos, row in self._items():
-                n = b._length(row)
-                if b.max_tokens is not None and n > b.max_tokens:
+                n = len(row[key]) if isinstance(row, dict) else len(row)
+                if n > cap:
                     raise ValueError(f"stream item {pos} has {n} tokens, more than max_tokens={b.max_tokens}")
                 if self.edges is None:
                     self.sample.append((n, pos, row))

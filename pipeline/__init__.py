@@ -5,5 +5,6 @@ ingestion stage, which needs ``datasets`` and ``tokenizers``) is imported on dem
 """
 from pipeline.collate import PackedBatch, PackedCollator, PadCollator, PaddedBatch
 from pipeline.sampling import BucketBatchSampler
+from pipeline.streaming import StreamBucketBatcher
 
-__all__ = ["BucketBatchSampler", "PackedBatch", "PackedCollator", "PadCollator", "PaddedBatch"]
+__all__ = ["BucketBatchSampler", "PackedBatch", "PackedCollator", "PadCollator", "PaddedBatch", "StreamBucketBatcher"]

@@ -392,6 +392,30 @@ class TokenizerConfig:
 
 
 @dataclass
+class StreamConfig:
+    """``data.stream``: train from the source read with ``streaming=True``, no prepared copy.
+
+    The text is encoded on the fly (``pipeline.streaming.open_stream``) with
+    ``data.tokenizer.path``, or with a ``data.tokenizer`` trained first on the first
+    ``sample_lines`` lines of train; batches come from ``StreamBucketBatcher`` holding
+    ``buffer_size`` rows. ``pipeline.prepare`` ignores this section.
+
+    Attributes:
+        enabled: train from the streamed source (no prepared Arrow copy); sequence mode only.
+        buffer_size: rows the length-bucketing batcher holds (memory vs. padding efficiency).
+        sample_lines: first lines of train a tokenizer is trained on when data.tokenizer.path is unset.
+    """
+
+    enabled: bool = False
+    buffer_size: int = field(default=10_000, metadata=num(ge=1, le=10**8))
+    sample_lines: int = field(default=100_000, metadata=num(ge=1, le=10**9))
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.sample_lines < 1:
+            raise ValueError(f"buffer_size={self.buffer_size}, sample_lines={self.sample_lines}: both must be >= 1")
+
+
+@dataclass
 class DataConfig:
     """The ``data:`` section: source → tokenizer → ids → Arrow files in ``output``.
 
@@ -419,6 +443,7 @@ class DataConfig:
         seed: seed of the holdout's random subset.
         num_proc: processes that encode the text (Dataset.map num_proc).
         batch_size: texts per batch when training the tokenizer and encoding.
+        stream: train straight from the source read with streaming=True (see StreamConfig).
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -433,6 +458,7 @@ class DataConfig:
     seed: int = field(default=0, metadata=num(le=2**32 - 1))
     num_proc: int = field(default=1, metadata=num(ge=1, le=1024))
     batch_size: int = field(default=1000, metadata=num(ge=1, le=10**7))
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
         if self.max_len is not None and self.max_len < 2:

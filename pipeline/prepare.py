@@ -2,7 +2,8 @@
 
 source (hub id or local files, through ``datasets``)
   → tokenizer (trained on train, streamed, or loaded; through ``tokenizers``)
-  → ``<bos> ids <eos>`` per sequence + a ``length`` column (``Dataset.map``)
+  → ``<bos> ids <eos>`` per sequence + a ``length`` column (Arrow kernels and
+    ``encode_batch_fast`` on Arrow chunks, ``pipeline/fast_word.py``; ``Dataset.map`` with num_proc > 1)
   → ``data.output/{train,validation,test}/`` (memory-mappable Arrow),
     ``tokenizer.json`` and ``manifest.json``.
 
@@ -21,6 +22,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +179,13 @@ def _load_splits(cfg: DataConfig, local: dict[str, _LocalSplit] | None, cache_di
             raise UserError(f"{cfg.source.hub} has no train split (has: {', '.join(dd)})")
         return out
     for split, src in local.items():
+        if src.builder == "text" and cfg.mode == "line" and errors == "strict":
+            # the lines datasets' text loader gives, split in Arrow kernels (pipeline/fast_word.py)
+            from pipeline import fast_word
+
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            out[split] = fast_word.load_text_lines(src.files, cache_dir / f"lines-{split}.arrow")
+            continue
         kwargs: dict = {}
         if src.builder == "text":
             kwargs = {"encoding": "utf-8-sig", "encoding_errors": errors, "sample_by": "line" if cfg.mode == "line" else "paragraph"}
@@ -213,6 +222,13 @@ def _build_tokenizer(cfg: DataConfig, train, text_column: str, quiet: bool = Fal
         _check_unknown_token(tok, where=str(tc.path))
         return tok
 
+    if tc.kind == "word" and not (tc.nfkc or tc.lowercase):
+        # the same tokenizer WordLevelTrainer makes, counted on Arrow buffers (pipeline/fast_word.py)
+        from pipeline import fast_word
+
+        counts = fast_word.count_dataset_words(train, text_column)
+        words = fast_word.word_vocab(counts, SPECIALS, tc.vocab_size, tc.min_frequency)
+        return fast_word.word_tokenizer(words, SPECIALS, unk="<unk>")
     norms = ([normalizers.NFKC()] if tc.nfkc else []) + ([normalizers.Lowercase()] if tc.lowercase else [])
     big = 1 << 30  # "keep every type"
     common = {"min_frequency": tc.min_frequency, "special_tokens": list(SPECIALS), "show_progress": False}
@@ -336,15 +352,26 @@ def _encode(cfg: DataConfig, ds, tokenizer, text_column: str, ids: dict, split: 
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(dtype)), "length": datasets.Value("int32")})
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= cfg.num_proc * cfg.batch_size else None
-    enc = ds.map(
-        _Encoder(tokenizer, text_column, ids["<bos>"], ids["<eos>"]),
-        batched=True,
-        batch_size=cfg.batch_size,
-        num_proc=num_proc,
-        remove_columns=ds.column_names,
-        features=features,
-        desc=f"encode {split}",
-    )
+    from pipeline import fast_word
+
+    if fast_word.WordEncoder.supports(tokenizer) or num_proc is None:
+        # word level: split, look up and frame on Arrow buffers, same ids as the tokenizer; else
+        # encode_batch_fast on large Arrow chunks, ids straight to numpy (fast_word.py)
+        kind = fast_word.WordEncoder if fast_word.WordEncoder.supports(tokenizer) else fast_word.TokenizerEncoder
+        encoder = kind(tokenizer, ids["<bos>"], ids["<eos>"])
+        folder = Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else Path(tempfile.mkdtemp(prefix="rnnlm-encode-"))
+        path = folder / f"encoded-{split}-{os.getpid()}-{time.time_ns()}.arrow"
+        enc = fast_word.encode_dataset(ds, text_column, encoder, features, path)
+    else:
+        enc = ds.map(
+            _Encoder(tokenizer, text_column, ids["<bos>"], ids["<eos>"]),
+            batched=True,
+            batch_size=cfg.batch_size,
+            num_proc=num_proc,
+            remove_columns=ds.column_names,
+            features=features,
+            desc=f"encode {split}",
+        )
     if split == "train" and not _has_text(enc, ids):
         raise UserError("empty corpus: the train split has no text")  # every row is <bos> <eos>
     over = int((np.asarray(enc.data.column("length")) > cfg.max_len).sum()) if cfg.max_len else 0

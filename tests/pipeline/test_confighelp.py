@@ -66,7 +66,8 @@ def test_recipe_help_lists_sections_then_keys():
     headers = [line for line in text.splitlines() if line and not line.startswith(" ")]
     assert headers == ["data:  (pipeline/config.py DataConfig)", "data.source:  (pipeline/config.py SourceConfig)",
                        "data.source.files:  (pipeline/config.py SplitFiles)",
-                       "data.tokenizer:  (pipeline/config.py TokenizerConfig)", "model:  (lm/config.py ModelConfig)",
+                       "data.tokenizer:  (pipeline/config.py TokenizerConfig)",
+                       "data.stream:  (pipeline/config.py StreamConfig)", "model:  (lm/config.py ModelConfig)",
                        "train:  (lm/config.py TrainConfig)",
                        "train.teacher_forcing:  (lm/config.py TeacherForcingConfig)"]
     assert "  model.hidden_size = 200  (int)\n      units per recurrent layer.\n" in text

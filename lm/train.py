@@ -216,9 +216,108 @@ class _StreamData:
         self.windows.load_state_dict(state)
 
 
+class _StreamedData:
+    """A streamed source (``data.stream.enabled``): rows read with ``streaming=True`` and
+    encoded on the fly, length-bucketed in a bounded buffer (``StreamBucketBatcher``); no
+    prepared copy. Sequence mode only. The batches of an epoch are not known ahead, so
+    under DDP each step sums the token count over ranks and every rank stops at the
+    first rank's end of the epoch (the few batches the others still held are left for
+    that epoch, as ``pipeline.streaming.until_first_rank_ends`` does); evaluation reads every row."""
+
+    carries_state = False
+    per_rank_state = True  # each rank's batcher holds its own shard's buffer
+
+    def __init__(self, rows, cfg: TrainConfig, d: Dist, *, train: bool, pin: bool, buffer_size: int) -> None:
+        from pipeline.streaming import StreamBucketBatcher
+
+        self.batcher = StreamBucketBatcher(rows, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                                           buffer_size=buffer_size, shuffle=train, seed=cfg.seed,
+                                           num_replicas=d.world, rank=d.rank)
+        self.train, self.pin, self.d = train, pin, d
+        self.collate = PackedCollator(pad_id=0)
+        self.position = 0  # batches of this epoch yielded (restored by load_state_dict)
+        self._resume = False
+        self.num_tokens = None  # known once a pass has been read
+
+    def __len__(self) -> int:
+        return 0  # unknown until the epoch's stream has been read
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.batcher.epoch:
+            self.position, self._resume = 0, False
+        self.batcher.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[PackedBatch, float]]:
+        if not self._resume:
+            self.position = 0
+        self._resume = False
+        # held here and read with next(), never delegated to: a stop mid-epoch closes this
+        # generator, and closing the batcher's pass too would drop the position a checkpoint records
+        self._pass = iter(self.batcher)
+        while True:
+            rows = next(self._pass, None)
+            if self.train and self.d.world > 1:  # the uneven end: every rank stops at the first rank's end
+                (ended,) = self.d.all_max(float(rows is None))
+                if ended:
+                    return
+            if rows is None:
+                return
+            self.position += 1
+            batch = self.collate(rows)
+            yield (batch.pin_memory() if self.pin else batch), 1.0
+
+    def global_tokens(self, step: int, batch: PackedBatch, world: int) -> int:
+        (tokens,) = self.d.all_sum(batch.num_tokens)  # the other ranks' batches are not known here
+        return int(tokens)
+
+    def state_dict(self, consumed: int) -> dict:
+        return {"batcher": self.batcher.state_dict(), "batches": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+        self.position, self._resume = int(state["batches"]), True
+
+
 def _data(ds: TokenDataset, cfg: TrainConfig, d: Dist, *, train: bool, pin: bool) -> _SequenceData | _StreamData:
     kind = _StreamData if cfg.mode == "stream" else _SequenceData
     return kind(ds, cfg, d, train=train, pin=pin)
+
+
+def _open_data(recipe: Recipe, d: Dist, pin: bool) -> tuple[dict, dict]:
+    """The splits as the trainer reads them, and what checkpoints record of the data
+    (tokenizer JSON, special ids, vocabulary size, fingerprint)."""
+    cfg = recipe.train
+    if recipe.data.stream.enabled:
+        return _open_streamed(recipe, d, pin)
+    manifest = _prepare_data(recipe, d)
+    folder = recipe.data.output
+    splits = {name: _data(TokenDataset(folder, name), cfg, d, train=name == "train", pin=pin)
+              for name in ("train", "validation", "test") if name in manifest["splits"]}
+    meta = {"tokenizer": (folder / "tokenizer.json").read_text(encoding="utf-8"),
+            "special_ids": manifest["special_ids"], "vocab_size": manifest["vocab_size"],
+            "data_fingerprint": manifest["fingerprint"]}
+    return splits, meta
+
+
+def _open_streamed(recipe: Recipe, d: Dist, pin: bool) -> tuple[dict, dict]:
+    from pipeline.streaming import open_stream
+    from pipeline.prepare import _special_ids
+
+    cfg = recipe.train
+    if cfg.mode == "stream":
+        raise UserError("train.mode=stream reads prepared data (each split as one indexed stream); with "
+                        "data.stream.enabled=true use train.mode=sequence, or prepare the data first")
+    rows, tokenizer = open_stream(recipe.data)
+    if "validation" not in rows:
+        raise UserError("the streamed source has no validation split (a stream cannot hold one out); "
+                        "give data.source.files.validation, or a folder with a valid file")
+    splits = {name: _StreamedData(r, cfg, d, train=name == "train", pin=pin,
+                                  buffer_size=recipe.data.stream.buffer_size) for name, r in rows.items()}
+    data = json.dumps(to_dict(recipe.data), sort_keys=True, default=str)
+    meta = {"tokenizer": tokenizer.to_str(),
+            "special_ids": {k.strip("<>"): v for k, v in _special_ids(tokenizer, "tokenizer").items()},
+            "vocab_size": tokenizer.get_vocab_size(), "data_fingerprint": hashlib.sha256(data.encode()).hexdigest()[:16]}
+    return splits, meta
 
 
 def _prepare_data(recipe: Recipe, d: Dist) -> dict:
@@ -317,6 +416,7 @@ class Progress:
     best_val: float = math.inf
     last_val_step: int = -1  # validation runs at most once per step
     last_val_loss: float = math.inf
+    val_tokens: int = 0  # predicted tokens of the validation split (as last evaluated)
     nonfinite: int = 0  # non-finite steps in a row
     skipped: int = 0  # non-finite steps in total
     elapsed: float = 0.0  # training seconds, agreed by all ranks
@@ -453,14 +553,10 @@ def _setup(recipe: Recipe, d: Dist, device: torch.device, policy: Precision, own
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
 
-    manifest = _prepare_data(recipe, d)
-    folder = recipe.data.output
-    pin = device.type == "cuda"
-    train = _data(TokenDataset(folder, "train"), cfg, d, train=True, pin=pin)
-    val = _data(TokenDataset(folder, "validation"), cfg, d, train=False, pin=pin)
-    test = _data(TokenDataset(folder, "test"), cfg, d, train=False, pin=pin) if "test" in manifest["splits"] else None
+    splits, data_meta = _open_data(recipe, d, pin=device.type == "cuda")
+    train, val, test = splits["train"], splits["validation"], splits.get("test")
 
-    model = build_model(recipe.model, manifest["vocab_size"]).to(device)
+    model = build_model(recipe.model, data_meta["vocab_size"]).to(device)
     policy.apply(model)  # the output layer in the policy's dtype, before DDP wraps it
     ddp = model
     if d.world > 1:
@@ -471,9 +567,7 @@ def _setup(recipe: Recipe, d: Dist, device: torch.device, policy: Precision, own
     average = None
     if cfg.average != "off":
         average = WeightAverage(model, nonmono=cfg.nonmono if cfg.average == "nonmono" else None)
-    meta = {"recipe": to_dict(recipe), "tokenizer": (folder / "tokenizer.json").read_text(encoding="utf-8"),
-            "special_ids": manifest["special_ids"], "vocab_size": manifest["vocab_size"],
-            "data_fingerprint": manifest["fingerprint"], **(owner.checkpoint_fields() if owner else {})}
+    meta = {"recipe": to_dict(recipe), **data_meta, **(owner.checkpoint_fields() if owner else {})}
     out_dir = cfg.output_dir
     r = _Run(recipe=recipe, d=d, device=device, model=model, ddp=ddp, optimizer=optimizer, lr_at=LRSchedule(cfg),
              train=train, val=val, test=test, meta=meta, out_dir=out_dir, metrics=None, report=None,
@@ -486,8 +580,9 @@ def _setup(recipe: Recipe, d: Dist, device: torch.device, policy: Precision, own
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(_yaml(to_dict(recipe)))
-        print(f"{model.num_parameters():,} parameters | {cfg.mode} mode | {len(train):,} "
-              f"{'windows' if cfg.mode == 'stream' else 'batches'}/epoch/rank | device {device}"
+        per_epoch = (f"{len(train):,} {'windows' if cfg.mode == 'stream' else 'batches'}/epoch/rank" if len(train)
+                     else "streamed source (epoch length unknown)")
+        print(f"{model.num_parameters():,} parameters | {cfg.mode} mode | {per_epoch} | device {device}"
               f"{f' | world {d.world}' if d.world > 1 else ''}"
               f"{f' | resumed from {resumed} at step {r.p.step}' if resumed else ''}", file=sys.stderr)
         print(policy.description, file=sys.stderr)
@@ -606,7 +701,7 @@ def _finish(r: _Run, reason: str, argv) -> dict:
         _samples(r)  # a mid-epoch stop: the epoch's samples never came
     result = {"steps": p.step, "epochs": p.epoch, "tokens": p.tokens, "skipped_steps": p.skipped,
               "mode": r.cfg.mode, "best_val_ppl": math.exp(p.best_val) if p.best_val < math.inf else None,
-              "val_tokens": r.val.num_tokens, "train_seconds": round(p.elapsed, 1), "stopped_by": reason,
+              "val_tokens": r.val.num_tokens or p.val_tokens, "train_seconds": round(p.elapsed, 1), "stopped_by": reason,
               "parameters": r.model.num_parameters(), "device": str(r.device), "world": d.world,
               "tokens_per_s": round(p.tokens / max(p.elapsed, 1e-9), 1), "command": _launch_command(argv),
               "hardware": _hardware(r.device), "torch": torch.__version__}
@@ -683,8 +778,8 @@ def _budget_fraction(r: _Run) -> float:
     spent = [0.0]
     if cfg.max_steps:
         spent.append(p.step / cfg.max_steps)
-    if cfg.epochs:
-        spent.append((p.epoch + p.consumed / max(1, len(r.train))) / cfg.epochs)
+    if cfg.epochs:  # a streamed source's epoch length is unknown: whole epochs only
+        spent.append((p.epoch + (p.consumed / len(r.train) if len(r.train) else 0.0)) / cfg.epochs)
     if cfg.max_time:
         spent.append(p.elapsed / cfg.max_time)
     return min(1.0, max(spent))
@@ -708,7 +803,7 @@ def _validate(r: _Run) -> float:
     r.lr_at.on_validation(loss)
     if r.average is not None and r.average.on_validation(loss, p.step):
         r.report.say(f"step {p.step}: validation stopped improving; averaging the weights from here (NT-ASGD)")
-    p.last_val_step, p.last_val_loss = p.step, loss
+    p.last_val_step, p.last_val_loss, p.val_tokens = p.step, loss, tokens
     ppl = _ppl(nll, tokens)
     r.metrics.write({"step": p.step, "epoch": p.epoch, "split": "validation", "loss": loss, "ppl": ppl,
                      "tokens": tokens, "best": improved})
@@ -723,10 +818,13 @@ def _save(r: _Run, kind: str) -> None:
     p.elapsed = time.perf_counter() - r.clock0 if d.world == 1 else p.elapsed
     all_rng = d.all_gather(_rng_state())  # each rank's own streams (dropout differs per rank)
     carry = d.all_gather(None if r.carry is None else [s.cpu() for s in r.carry]) if r.train.carries_state else None
+    data = r.train.state_dict(p.consumed)
+    if getattr(r.train, "per_rank_state", False):
+        data = d.all_gather(data)
     if not d.main:
         return
     state = {**r.meta, "model": r.model.state_dict(), "optimizer": r.optimizer.state_dict(),
-             "schedule": r.lr_at.state_dict(), "data": r.train.state_dict(p.consumed),
+             "schedule": r.lr_at.state_dict(), "data": data,
              "progress": vars(p).copy(), "rng": all_rng, "kind": kind, "carry": carry, "world": d.world,
              "average": None if r.average is None else r.average.state_dict(),
              "tf_ratio": teacher_forcing_ratio(r.cfg.teacher_forcing, p.step)}
@@ -764,7 +862,13 @@ def _resume(r: _Run, owner: rundir.RunDir | None) -> Path | None:
     try:
         r.model.load_state_dict(ckpt["model"])
         r.optimizer.load_state_dict(ckpt["optimizer"])
-        r.train.load_state_dict(ckpt["data"] if "data" in ckpt else ckpt["sampler"])
+        data = ckpt["data"] if "data" in ckpt else ckpt["sampler"]
+        if getattr(r.train, "per_rank_state", False):
+            if len(data) != d.world:
+                raise UserError(f"{path} was written by {len(data)} process(es) reading a streamed source, whose "
+                                f"buffers are per rank; resume it with the same number of processes (now {d.world})")
+            data = data[d.rank]
+        r.train.load_state_dict(data)
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this recipe's model/data: {checkpoint.mismatch(e)}") from None
     r.lr_at.load_state_dict(ckpt["schedule"])

@@ -106,6 +106,20 @@ class Run:
 
 
 def _descendants(pid: int) -> list[int]:
+    """``pid`` and its descendants: from ``/proc/PID/task/*/children`` (cheap: a full scan of
+    ``/proc`` every 0.1 s took ~20% of a core away from the timed child), else a scan."""
+    if Path(f"/proc/{pid}/task/{pid}/children").exists():
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            try:
+                for task in os.scandir(f"/proc/{p}/task"):
+                    with open(f"{task.path}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        return out
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():

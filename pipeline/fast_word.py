@@ -342,7 +342,9 @@ class TokenizerEncoder:
     def encode(self, text: pa.Array) -> pa.ListArray:
         """``<bos> ids <eos>`` for every row of a string array (nulls read as ``""``)."""
         text = pc.fill_null(text, "") if text.null_count else text
-        ids = [e.ids for e in self.encode_batch(text.to_pylist(), add_special_tokens=False)]
+        lines, ids = text.to_pylist(), []
+        for s in range(0, len(lines), 8192):  # Encoding objects are heavy (tokens, offsets): few alive at once
+            ids += [e.ids for e in self.encode_batch(lines[s : s + 8192], add_special_tokens=False)]
         n_words = np.fromiter(map(len, ids), np.int64, len(ids))
         word_ids = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(n_words.sum()))
         return _frame(word_ids, n_words, self.bos, self.eos)

@@ -431,9 +431,14 @@ def _split_stats(ds: TokenDataset, unk_id: int | None, overflow: str, over: int)
 # --------------------------------------------------------------------------- the stage
 
 
+# data-section keys that say where and how fast (and whether the trainer streams), not what
+# the prepared data holds: neither the cache fingerprint nor the "another data section" check sees them
+NOT_WHAT = ("output", "num_proc", "batch_size", "stream")
+
+
 def _fingerprint(cfg: DataConfig, sources: list[dict]) -> str:
     data = to_dict(cfg)
-    for k in ("output", "num_proc", "batch_size"):  # where and how fast: not what
+    for k in NOT_WHAT:
         data.pop(k)
     blob = json.dumps({"format": FORMAT_VERSION, "data": data, "sources": sources}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -610,7 +615,7 @@ def _other_data(old: dict, new: dict) -> str | None:
 
     if old.get("source") != new.get("source"):
         return f"from {what(old.get('source') or {})}, but this recipe's source is {what(new['source'])}"
-    skip = {"source", "output", "num_proc", "batch_size"}  # where and how fast: not what
+    skip = {"source", *NOT_WHAT}
     a, b = _flat({k: v for k, v in old.items() if k not in skip}), _flat({k: v for k, v in new.items() if k not in skip})
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if keys:

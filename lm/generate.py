@@ -59,6 +59,9 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[RNNLM, di
 
 @cli
 def main(argv: list[str]) -> int:
+    from lm.runtime import tune_allocator
+
+    tune_allocator()  # before the first large allocation: no mmap/munmap churn per step (issue 13)
     ap = argparse.ArgumentParser(prog="python -m lm.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint written by lm.train (e.g. runs/x/checkpoints/best.pt)")
     ap.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")

@@ -551,6 +551,9 @@ def _yaml(data: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
+    from lm.runtime import tune_allocator
+
+    tune_allocator()  # before the first large allocation: no mmap/munmap churn per step (issue 13)
     ap = argparse.ArgumentParser(prog="python -m lm.train", description="Train a GRU/LSTM language model from a recipe.")
     ap.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: recipes/wikitext.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.cell=gru")

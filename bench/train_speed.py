@@ -10,8 +10,10 @@ Every run is a fresh process, and the runs are interleaved (A B C D, A B C D, ..
 load from other jobs on a shared machine falls on all of them alike; the load average is
 printed with each run. Each row also gives the process's user and kernel (sys) CPU time:
 for ``lm.train`` over its training window only (sampled with psutil; the process is
-stopped once training ends, before its final validation), for the anchor over the whole
-process (its start-up reads the corpus with a Python loop: user time only).
+stopped once training ends, before its final validation), for the anchor likewise
+over the window its tokens/s is timed on (its ``time.perf_counter`` is wrapped).
+Tokens per CPU-second (user + sys) is the figure that holds when other jobs share the
+cores: the wall-clock rate is only the share of the machine a run happened to get.
 
 Rows: each tool as users run it, and with glibc told by environment variables not to
 return large blocks to the kernel (``MALLOC_ENV``; issue 13); ``lm.train`` with its own
@@ -19,11 +21,12 @@ start-up tuning (:func:`lm.runtime.tune_allocator`) switched off is the trainer 
 
 The achieved GFLOP/s is tokens/s times the step's FLOPs per token counted from the
 model's shapes (:func:`step_flops`), against the fp32 GEMM rate ``torch.mm`` reaches on
-this machine, measured in the same run (a 4,096-square product, default threads).
+this machine, measured in the same run (a 4,096-square product, default threads), both
+per CPU-second.
 
 Usage:
     python bench/train_speed.py [--data ../shared/data/wikitext-2] [--seconds 40] [--rounds 2]
-        [--max-tokens 4096] [--extra key=value ...]
+        [--max-tokens 4096] [--threads N] [--extra key=value ...]
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ SAME_MODEL = [
     "model.tie_weights=false", "model.adaptive_cutoffs=null",
     "train.optimizer=sgd", "train.lr=20", "train.clip=0.25", "train.schedule=plateau", "train.warmup_steps=0",
     "train.weight_decay=0", "train.device=cpu", "train.epochs=null", "train.plot=false", "train.prompts=[]",
-    "train.eval_every=null", "train.log_every=5",
+    "train.eval_every=null", "train.log_every=1",
 ]
 # what the issue measured by hand: large blocks never mmapped, freed memory never trimmed
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
@@ -59,10 +62,11 @@ _PEAK = """
 import time, torch
 a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
 torch.mm(a, b)
-n, t = 0, time.perf_counter()
+n, t, c = 0, time.perf_counter(), time.process_time()
 while time.perf_counter() - t < {seconds}:
     torch.mm(a, b); n += 1
-print(2 * 4096**3 * n / (time.perf_counter() - t) / 1e9)
+flops = 2 * 4096**3 * n / 1e9
+print(flops / (time.perf_counter() - t), flops / (time.process_time() - c))
 """
 
 
@@ -80,27 +84,52 @@ def step_flops(emb: int = EMB, hid: int = HID, layers: int = LAYERS, vocab: int 
     return rnn + 6 * hid * vocab
 
 
-def gemm_peak(seconds: float = 4.0) -> float:
-    """GFLOP/s of a 4,096-square fp32 ``torch.mm`` in a fresh process (default threads)."""
-    out = subprocess.run([sys.executable, "-c", _PEAK.format(seconds=seconds)], capture_output=True, text=True, check=True)
-    return float(out.stdout)
+def gemm_peak(seconds: float = 4.0) -> tuple[float, float]:
+    """GFLOP per wall second and per CPU second of a 4,096-square fp32 ``torch.mm`` (default threads).
+
+    On a machine shared with other jobs the wall rate is this process's share; the rate
+    per CPU second (user + sys of all its threads) is what one core does while it runs.
+    """
+    out = subprocess.run([sys.executable, "-c", _PEAK.format(seconds=seconds)], capture_output=True, text=True, check=True,
+                         env=_env({}))
+    wall, cpu = map(float, out.stdout.split())
+    return wall, cpu
+
+
+_THREADS: dict[str, str] = {}  # OMP_NUM_THREADS for every run, from --threads
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "RNNLM_MALLOC"))}
-    return {**env, **extra}
+    return {**env, **_THREADS, **extra}
+
+
+# Runs the anchor unchanged, with time.perf_counter wrapped to note the process's CPU time
+# at its first call (the timer's start, after warm-up) and its last (the end of training):
+# user and sys over exactly the window its tokens/s is measured on.
+_ANCHOR_WRAP = """
+import json, resource, runpy, sys, time
+marks, wall = [], time.perf_counter
+def perf_counter():
+    ru, t = resource.getrusage(resource.RUSAGE_SELF), wall()
+    marks[1:] = [(t, ru.ru_utime, ru.ru_stime)]
+    if len(marks) == 1:
+        marks.insert(0, marks[0])
+    return t
+time.perf_counter = perf_counter
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+print("window", json.dumps([b - a for a, b in zip(*marks[:2])] if len(marks) > 1 else None))
+"""
 
 
 def anchor(data: Path, seconds: float, env: dict[str, str]) -> dict:
-    """The anchor's tokens/s; user and sys CPU seconds of its whole process."""
-    proc = subprocess.Popen([sys.executable, str(ANCHOR), str(data), str(seconds)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=_env(env))
-    out = proc.stdout.read()
-    _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"anchor failed ({proc.returncode})")
-    return {"rate": float(re.search(r"anchor tokens/s (\d+)", out).group(1)), "user": ru.ru_utime, "sys": ru.ru_stime}
+    """The anchor's tokens/s; user and sys CPU seconds over its timed window."""
+    out = subprocess.run([sys.executable, "-c", _ANCHOR_WRAP, str(ANCHOR), str(data), str(seconds)],
+                         capture_output=True, text=True, env=_env(env), check=True).stdout
+    rate = float(re.search(r"anchor tokens/s (\d+)", out).group(1))
+    wall, user, system = json.loads(re.search(r"window (.*)", out).group(1))
+    return {"rate": rate, "tokens": rate * wall, "user": user, "sys": system}
 
 
 def ours(data: Path, prepared: Path, seconds: float, max_tokens: int, extra: list[str], env: dict[str, str]) -> dict:
@@ -123,13 +152,16 @@ def ours(data: Path, prepared: Path, seconds: float, max_tokens: int, extra: lis
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         err = proc.communicate()[1]
-        if proc.returncode not in (0, -signal.SIGKILL) or first_cpu is None:
+        if proc.returncode not in (0, -signal.SIGKILL):
             raise SystemExit(f"lm.train failed ({proc.returncode}): {err[-2000:]}")
+        if first_cpu is last_cpu:
+            raise SystemExit(f"lm.train logged fewer than 2 windows in {seconds} s: raise --seconds")
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         train = [r for r in recs if r["split"] == "train"]
         first, last = train[0], train[-1]  # the first window holds the warm-up steps: excluded
         rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-        return {"rate": rate, "user": last_cpu.user - first_cpu.user, "sys": last_cpu.system - first_cpu.system,
+        return {"rate": rate, "tokens": last["tokens"] - first["tokens"], "user": last_cpu.user - first_cpu.user,
+                "sys": last_cpu.system - first_cpu.system,
                 "loss": last["loss"], "step": last["step"]}
 
 
@@ -140,7 +172,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for our runs, e.g. model.cell=gru")
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (torch's intra-op threads)")
     args = ap.parse_args()
+    if args.threads:
+        _THREADS["OMP_NUM_THREADS"] = str(args.threads)
     if not (args.data / "train.txt").is_file():
         sys.exit(f"no WikiText-2 at {args.data} (expected train.txt): pass --data")
     if not ANCHOR.is_file():
@@ -158,35 +193,40 @@ def main() -> None:
                                                      {"RNNLM_MALLOC_TUNING": "0"}),
     }
     flops = step_flops()
-    print(f"cpu threads: {os.cpu_count()}, {args.seconds:.0f} s per run, {args.rounds} interleaved rounds, "
+    print(f"cpu threads: {os.cpu_count()}, OMP_NUM_THREADS={args.threads or 'unset'}, {args.seconds:.0f} s per run, {args.rounds} interleaved rounds, "
           f"max_tokens={args.max_tokens}, {flops / 1e6:.2f} MFLOP per token", flush=True)
     peaks = [gemm_peak()]
-    print(f"fp32 GEMM peak (torch.mm 4096^3): {peaks[0]:.0f} GFLOP/s  load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"fp32 GEMM (torch.mm 4096^3): {peaks[0][0]:.0f} GFLOP/s wall, {peaks[0][1]:.0f} GFLOP per CPU-s  "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name in runs}
-    print(f"{'round':>5s} {'run':34s} {'load':>5s} {'tokens/s':>9s} {'user s':>7s} {'sys s':>6s} {'sys %':>6s} {'GFLOP/s':>8s}")
+    print(f"{'round':>5s} {'run':34s} {'load':>5s} {'tokens/s':>9s} {'user s':>7s} {'sys s':>6s} {'sys %':>6s} "
+          f"{'tok/CPU-s':>9s} {'GFLOP/s':>8s}")
     for rnd in range(args.rounds):
         for name, fn in runs.items():
             load = os.getloadavg()[0]
             r = fn()
             results[name].append(r)
-            share = 100 * r["sys"] / (r["user"] + r["sys"])
-            print(f"{rnd:5d} {name:34s} {load:5.1f} {r['rate']:9,.0f} {r['user']:7.1f} {r['sys']:6.1f} {share:6.1f} "
-                  f"{r['rate'] * flops / 1e9:8.1f}", flush=True)
+            cpu = r["user"] + r["sys"]
+            print(f"{rnd:5d} {name:34s} {load:5.1f} {r['rate']:9,.0f} {r['user']:7.1f} {r['sys']:6.1f} "
+                  f"{100 * r['sys'] / cpu:6.1f} {r['tokens'] / cpu:9,.0f} {r['rate'] * flops / 1e9:8.1f}", flush=True)
     peaks.append(gemm_peak())
-    print(f"fp32 GEMM peak again: {peaks[1]:.0f} GFLOP/s  load {os.getloadavg()[0]:.1f}", flush=True)
-    peak = statistics.mean(peaks)
-    base = {k: statistics.median(r["rate"] for r in results[k]) for k in results}
-    print("\nmedian over rounds; ratios against pytorch/examples run the same way")
+    print(f"fp32 GEMM again: {peaks[1][0]:.0f} GFLOP/s wall, {peaks[1][1]:.0f} GFLOP per CPU-s  "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    peak_cpu = statistics.mean(p[1] for p in peaks)
+    rate = {k: statistics.median(r["rate"] for r in rs) for k, rs in results.items()}
+    per_cpu = {k: sum(r["tokens"] for r in rs) / sum(r["user"] + r["sys"] for r in rs) for k, rs in results.items()}
+    print("\ntokens/s: median over rounds; tokens per CPU-s: over all rounds; ratios against pytorch/examples run the "
+          "same way (as shipped, or both with MALLOC_ env); % of the GEMM's GFLOP per CPU-s")
     for name, rs in results.items():
-        rate = base[name]
-        ref = base["pytorch/examples + MALLOC_ env" if "MALLOC_" in name else "pytorch/examples, as shipped"]
+        ref = "pytorch/examples + MALLOC_ env" if "MALLOC_" in name else "pytorch/examples, as shipped"
         sys_share = 100 * sum(r["sys"] for r in rs) / sum(r["user"] + r["sys"] for r in rs)
-        print(f"{name:34s} {rate:9,.0f} tokens/s  {rate / ref:5.2f}x  sys {sys_share:4.1f}%  "
-              f"{rate * flops / 1e9:6.1f} GFLOP/s = {100 * rate * flops / 1e9 / peak:4.1f}% of GEMM peak", flush=True)
-    ours_rate = base["lm.train, as shipped"]
-    print(f"\nlm.train as shipped / pytorch/examples + MALLOC_ env: {ours_rate / base['pytorch/examples + MALLOC_ env']:.2f}x;"
-          f" / lm.train tuning off: {ours_rate / base['lm.train, tuning off (before)']:.2f}x")
-
+        print(f"{name:34s} {rate[name]:7,.0f} tok/s {rate[name] / rate[ref]:5.2f}x | {per_cpu[name]:6,.0f} tok/CPU-s "
+              f"{per_cpu[name] / per_cpu[ref]:5.2f}x | sys {sys_share:4.1f}% | "
+              f"{100 * per_cpu[name] * flops / 1e9 / peak_cpu:4.1f}% of GEMM", flush=True)
+    ours_ = "lm.train, as shipped"
+    for other in ("pytorch/examples + MALLOC_ env", "lm.train, tuning off (before)", "lm.train + MALLOC_ env"):
+        print(f"{ours_} / {other}: {rate[ours_] / rate[other]:.2f}x tokens/s, {per_cpu[ours_] / per_cpu[other]:.2f}x "
+              f"tokens per CPU-s")
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,17 @@ the trainer process (``ru_maxrss``) and of its whole process tree (workers inclu
 sampled every 0.1 s; shared pages of the memory-mapped files count once per process, so
 the tree figure over-counts them).
 
+Each configuration runs twice, interleaved: as shipped (allocator tuned at start-up by
+:func:`lm.runtime.tune_allocator`, which keeps freed blocks in the process) and with
+``RNNLM_MALLOC_TUNING=0`` (glibc's defaults, the trainer before issue 13), so the table shows
+what keeping the blocks costs in peak RSS. ``--repeat 1`` runs WikiText-2 x1 only.
+
 Usage: python bench/train_memory.py [--data ../shared/data/wikitext-2] [--repeat 50] [--steps 60]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -49,10 +55,13 @@ def _hwm_mb(pid: int) -> float:
         return 0.0
 
 
-def run(cmd: list[str]) -> tuple[float, float, float]:
+def run(cmd: list[str], tuned: bool = True) -> tuple[float, float, float]:
     """Wall seconds, the trainer's own peak RSS and the peak RSS of its process tree (MB)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "RNNLM_MALLOC"))}
+    if not tuned:
+        env["RNNLM_MALLOC_TUNING"] = "0"
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     own = tree = 0.0
     while proc.poll() is None:
         own, tree = max(own, _hwm_mb(proc.pid)), max(tree, _tree_rss_mb(proc.pid))
@@ -80,17 +89,19 @@ def main() -> None:
                 f.write(text)
         for name in ("valid.txt", "test.txt"):
             shutil.copy(args.data / name, big / name)
-        print(f"{'corpus':8s} {'workers':>7s} {'wall s':>7s} {'trainer peak RSS MB':>20s} {'tree peak RSS MB':>17s}")
-        for label, src in (("x1", args.data), (f"x{args.repeat}", big)):
+        print(f"{'corpus':8s} {'workers':>7s} {'allocator':>9s} {'wall s':>7s} {'trainer peak RSS MB':>20s} "
+              f"{'tree peak RSS MB':>17s}")
+        for label, src in (("x1", args.data), (f"x{args.repeat}", big))[: 1 if args.repeat == 1 else 2]:
             prepared = work / f"prepared-{label}"
             subprocess.run([sys.executable, "-m", "pipeline.prepare", "recipes/wikitext.yaml", f"data.source.dir={src}",
                             f"data.output={prepared}", "--quiet"], cwd=ROOT, check=True)
             for workers in (0, 2):
                 cmd = [sys.executable, "-m", "lm.train", "recipes/wikitext.yaml", f"data.source.dir={src}",
-                       f"data.output={prepared}", f"train.output_dir={work / f'run-{label}-{workers}'}",
-                       f"train.max_steps={args.steps}", f"train.num_workers={workers}", *MODEL]
-                wall, own, tree = run(cmd)
-                print(f"{label:8s} {workers:7d} {wall:7.1f} {own:20.0f} {tree:17.0f}", flush=True)
+                       f"data.output={prepared}", f"train.max_steps={args.steps}", f"train.num_workers={workers}", *MODEL]
+                for tuned in (True, False):
+                    wall, own, tree = run(cmd + [f"train.output_dir={work / f'run-{label}-{workers}-{tuned}'}"], tuned)
+                    print(f"{label:8s} {workers:7d} {'tuned' if tuned else 'glibc':>9s} {wall:7.1f} {own:20.0f} "
+                          f"{tree:17.0f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

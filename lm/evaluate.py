@@ -16,7 +16,6 @@ and character models compare on one scale.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -28,9 +27,10 @@ import torch
 from lm import checkpoint
 from lm.config import TrainConfig
 from lm.device import resolve_device
+from lm.runtime import tune_allocator
 from lm.train import Dist, _data, _ppl, evaluate
 from pipeline.data import TokenDataset, read_manifest
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 
 
 def _text_of(path: Path) -> str:
@@ -68,7 +68,8 @@ def _scores(nll: float, tokens: int, text: str | None, nbytes: int | None) -> di
 
 @cli
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lm.evaluate", description=__doc__.split("\n\n")[0])
+    tune_allocator()  # before the first large allocation: no mmap/munmap churn per batch
+    ap = ArgumentParser(prog="python -m lm.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a checkpoint written by lm.train (best.pt or step-*.pt)")
     ap.add_argument("--split", action="append", default=[], help="a prepared split to score (repeatable; "
                     "default: validation and test when no --file is given)")

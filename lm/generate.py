@@ -16,6 +16,7 @@ from lm import checkpoint
 from lm.config import ModelConfig
 from lm.decode import generate
 from lm.device import resolve_device
+from lm.runtime import tune_allocator
 from lm.model import RNNLM, build_model
 from pipeline.errors import ArgumentParser, UserError, cli
 
@@ -159,6 +160,7 @@ def _parser() -> ArgumentParser:
 
 @cli
 def main(argv: list[str]) -> int:
+    tune_allocator()  # before the first large allocation: no mmap/munmap churn per step
     args = _parser().parse_args(argv)
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         raise UserError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1" if args.max_new_tokens < 1 else

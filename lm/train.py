@@ -54,6 +54,7 @@ from lm import state as st
 from lm.config import Recipe, TrainConfig, load
 from lm.model import RNNLM, build_model
 from lm.precision import Precision
+from lm.runtime import tune_allocator
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.bptt import StreamWindows
 from pipeline.collate import PackedBatch, PackedCollator
@@ -1033,6 +1034,7 @@ def _yaml(data: dict) -> str:
 
 @cli
 def main(argv: list[str]) -> int:
+    tune_allocator()  # before the first large allocation: no mmap/munmap churn per step
     from pipeline.confighelp import recipe_help
 
     ap = ArgumentParser(

@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from lm import checkpoint
 from lm.config import TrainConfig
 from lm.device import resolve_device
 from lm.runtime import tune_allocator

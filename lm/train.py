@@ -433,16 +433,26 @@ class _Stop:
     def __init__(self, announce: bool) -> None:
         self.signum = 0
         self.announce = announce
+        self._first = 0.0
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum:  # a second signal: stop now
+        if self.signum:
+            # torchrun forwards the terminal's Ctrl-C to workers that already got it: a copy
+            # within a second is the same stop; a second Ctrl-C after that stops now
+            if time.monotonic() - self._first < 1.0:
+                return
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self._first = signum, time.monotonic()
         if self.announce:
             os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step; saving a checkpoint… "
                         f"(again to stop at once)\n".encode())
+
+    def agree(self, signum: int) -> None:
+        """Another rank got a stop signal: stop here too (this rank's own copy may follow)."""
+        if signum and not self.signum:
+            self.signum, self._first = signum, time.monotonic()
 
 
 @dataclass
@@ -664,7 +674,7 @@ def _after_step(r: _Run) -> str | None:
         # the ranks agree on the clock (it drives a time-budgeted schedule and max_time),
         # on a stop signal any of them got, and on a time-based log line
         signum, p.elapsed, log_due = d.all_max(r.stop.signum, now - r.clock0, float(log_due))
-        r.stop.signum = int(signum)
+        r.stop.agree(int(signum))
     else:
         log_due = False
     if p.step % cfg.log_every == 0 or log_due:

@@ -270,13 +270,13 @@ def test_a_log_file_gets_plain_progress_lines_at_the_time_interval(toy_recipe, l
     every ``train.progress_every`` seconds (here the step-based log never comes), and the
     validation and test perplexities as they are computed, naming protocol and tokens."""
     rec = toy_recipe("log", train={"epochs": None, "max_steps": 30, "max_tokens": None, "batch_size": 1,
-                                   "log_every": 1000, "progress_every": 0.05})
+                                   "log_every": 1000, "progress_every": 1e-9})  # due after every step
     proc = subprocess.run([sys.executable, "-m", "lm.train", str(rec)], cwd=REPO_ROOT, env=lm_env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     progress = [line for line in lines if line.startswith("step ") and "loss" in line]
-    assert progress, proc.stderr
+    assert len(progress) == 30, proc.stderr  # the time interval, not log_every, brought every line
     pattern = (r"^step (\d+) \| epoch 0 \| loss \d+\.\d{4} \| ppl \d+\.\d{2} \| lr 0\.01 \| [\d,]+ tok/s \| "
                r"\d+s \((\d+)% of max_steps 30\)$")
     for line in progress:
@@ -377,3 +377,27 @@ def test_cli_train_tiny_recipe_then_generate(tmp_path, toy_corpus, toy_prepared,
     capsys.readouterr()
     assert lm.generate.main(args) == 0
     assert capsys.readouterr().out == gen.stdout
+
+
+def test_a_forwarded_copy_of_the_signal_is_the_same_stop_and_a_later_one_stops_now(monkeypatch):
+    """torchrun forwards the terminal's Ctrl-C to workers that already got it: that copy must
+    not abort the checkpoint; a second Ctrl-C a second later must stop at once."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    clock = [100.0]
+    monkeypatch.setattr(lm.train.time, "monotonic", lambda: clock[0])
+    try:
+        stop = lm.train._Stop(announce=False)
+        stop._handle(signal.SIGINT, None)
+        clock[0] += 0.2
+        stop._handle(signal.SIGINT, None)  # the launcher's copy: ignored
+        assert stop.signum == signal.SIGINT
+        clock[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+        other = lm.train._Stop(announce=False)
+        other.agree(signal.SIGTERM)  # learned from another rank; its own copy arrives next
+        other._handle(signal.SIGTERM, None)
+        assert other.signum == signal.SIGTERM
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)

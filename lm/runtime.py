@@ -53,7 +53,7 @@ def tune_allocator(enabled: bool | None = None) -> dict[str, int]:
     it. Elsewhere (macOS, Windows, musl) it does nothing. Setting ``M_MMAP_THRESHOLD``
     explicitly also turns off glibc's dynamic threshold, so the settings hold for the
     whole run. The cost is memory: freed blocks stay on the heap, and blocks of varying
-    size fragment it, so peak RSS grows (+18% for training alone, +51% for a short run
+    size fragment it, so peak RSS grows (+18% for training alone, +51% to +113% for a short run
     with evaluation in ``bench/train_memory.py``; BENCHMARKS.md, issue 13).
 
     Args:

@@ -22,6 +22,8 @@ variants interleaved round by round; tokens/s are over the timed steps only:
                         unfused (logits + cross_entropy); its accuracy cost is measured
                         on the same batches: mean |NLL_bf16 - NLL_fp32| per token of the
                         forward pass, and the gap in training loss after the timed steps
+    eval                validation batches scored as ``lm.train.evaluate`` does (forward
+                        only, chunked full softmax), tuned or not; its time is in ``out``
 
 ``--profile`` prints torch.profiler's top operators for the tuned fp32 step.
 
@@ -48,6 +50,8 @@ VARIANTS = {
     "fp32, tuned, threads=1": {"tune": True, "threads": 1},
     "fp32, tuned, interop=1": {"tune": True, "interop": 1},
     "bf16 autocast, tuned": {"tune": True, "bf16": True},
+    "eval, tuned": {"tune": True, "eval": True},
+    "eval, untuned (before)": {"tune": False, "eval": True},
 }
 PHASES = ("data", "rnn", "out", "bwd", "opt")
 
@@ -107,6 +111,8 @@ def worker(cfg: dict) -> dict:
     from pipeline.data import TokenDataset, make_loader
 
     torch.manual_seed(0)
+    if cfg.get("eval"):
+        return _eval(cfg, model_cls=RNNLM)
     ds = TokenDataset(Path(cfg["prepared"]), "train")
     loader = make_loader(ds, max_tokens=4096, shuffle=True, seed=0)
     model = RNNLM(33_280, cell="lstm", embed_dim=200, hidden_size=200, num_layers=2, dropout_emb=0.2,
@@ -142,6 +148,26 @@ def worker(cfg: dict) -> dict:
             losses.append(nll.item() / targets.numel())
     total = sum(times.values())
     return {"tokens_per_s": tokens / total, **{k: v / cfg["steps"] for k, v in times.items()}, "losses": losses}
+
+
+def _eval(cfg: dict, model_cls) -> dict:
+    """Validation the way ``lm.train.evaluate`` scores it (chunked full softmax, no grad)."""
+    import torch
+
+    from pipeline.data import TokenDataset, make_loader
+
+    model = model_cls(33_280, cell="lstm", embed_dim=200, hidden_size=200, num_layers=2).eval()
+    it = iter(make_loader(TokenDataset(Path(cfg["prepared"]), "validation"), max_tokens=4096, shuffle=False))
+    tokens, total = 0, 0.0
+    with torch.no_grad():
+        for step in range(cfg["steps"] + 2):
+            t0 = time.perf_counter()
+            out = model(next(it), need_state=False, need_logits=False)
+            out.nll_sum.item()
+            if step >= 2:
+                total += time.perf_counter() - t0
+                tokens += out.num_tokens
+    return {"tokens_per_s": tokens / total, **dict.fromkeys(PHASES, 0.0), "out": total / cfg["steps"], "losses": []}
 
 
 def accuracy(prepared: str, batches: int = 4) -> dict:

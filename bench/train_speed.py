@@ -141,28 +141,30 @@ def ours(data: Path, prepared: Path, seconds: float, max_tokens: int, extra: lis
                f"train.max_tokens={max_tokens}", *SAME_MODEL, *extra]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(env))
         ps = psutil.Process(proc.pid)
-        seen, first_cpu, last_cpu = 0, None, None
+        seen, first, last = 0, None, None  # (CPU times, records written) at the first / latest new record
         # the step checkpoint is written the moment training stops; validation would follow
         while proc.poll() is None and not (ckpts.is_dir() and any(ckpts.iterdir())):
             cpu = ps.cpu_times()
             n = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
             if n > seen:  # a train record was just written: CPU time now matches its timestamp
-                first_cpu = first_cpu or cpu
-                last_cpu, seen = cpu, n
+                first = first or (cpu, n)
+                last, seen = (cpu, n), n
             time.sleep(0.1)
         proc.send_signal(signal.SIGKILL)
         err = proc.communicate()[1]
         if proc.returncode not in (0, -signal.SIGKILL):
             raise SystemExit(f"lm.train failed ({proc.returncode}): {err[-2000:]}")
-        if first_cpu is last_cpu:
+        if first is last:
             raise SystemExit(f"lm.train logged fewer than 2 windows in {seconds} s: raise --seconds")
         recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         train = [r for r in recs if r["split"] == "train"]
-        first, last = train[0], train[-1]  # the first window holds the warm-up steps: excluded
-        rate = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-        return {"rate": rate, "tokens": last["tokens"] - first["tokens"], "user": last_cpu.user - first_cpu.user,
-                "sys": last_cpu.system - first_cpu.system,
-                "loss": last["loss"], "step": last["step"]}
+        a, b = train[0], train[-1]  # the first window holds the warm-up steps: excluded
+        rate = (b["tokens"] - a["tokens"]) / (b["elapsed_s"] - a["elapsed_s"])
+        # CPU time between the polls that saw records i and j: the tokens trained between those records
+        (cpu0, i), (cpu1, j) = first, last
+        return {"rate": rate, "tokens": recs[j - 1]["tokens"] - recs[i - 1]["tokens"], "user": cpu1.user - cpu0.user,
+                "sys": cpu1.system - cpu0.system,
+                "loss": b["loss"], "step": b["step"]}
 
 
 def main() -> None:

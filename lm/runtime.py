@@ -52,8 +52,9 @@ def tune_allocator(enabled: bool | None = None) -> dict[str, int]:
     Call it once, first thing in a command's ``main()``: it affects allocations made after
     it. Elsewhere (macOS, Windows, musl) it does nothing. Setting ``M_MMAP_THRESHOLD``
     explicitly also turns off glibc's dynamic threshold, so the settings hold for the
-    whole run. The blocks are the same, only no longer handed back to the kernel between
-    steps (peak RSS: ``bench/train_memory.py``).
+    whole run. The cost is memory: freed blocks stay on the heap, and blocks of varying
+    size fragment it, so peak RSS grows (+18% for training alone, +51% to +113% for a short run
+    with evaluation in ``bench/train_memory.py``; BENCHMARKS.md, issue 13).
 
     Args:
         enabled: ``None`` reads the environment: ``RNNLM_MALLOC_TUNING=0`` turns it off,
@@ -74,3 +75,17 @@ def tune_allocator(enabled: bool | None = None) -> dict[str, int]:
     libc.mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success; a parameter this glibc refuses is simply left as it was
     return {name: value for name, value in SETTINGS.items() if libc.mallopt(_PARAMS[name], value) == 1}
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the kernel (glibc ``malloc_trim(0)``); elsewhere a no-op.
+
+    With :func:`tune_allocator` freed blocks stay resident, and a phase whose block sizes
+    differ from the previous phase's (evaluation after training, training after
+    evaluation) cannot reuse all the holes, so the heap grows. Called at such a boundary,
+    it keeps the peak near that of the larger phase, at the price of faulting the next
+    step's blocks in once.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -65,3 +65,13 @@ def test_explicit_switch_wins_and_off_applies_nothing(monkeypatch):
     monkeypatch.setenv("MALLOC_TOP_PAD_", "131072")
     assert runtime.tune_allocator(enabled=False) == {}
     assert runtime.tune_allocator() == {}  # the user's own glibc variable: left alone
+
+
+def test_release_free_memory_returns_the_kept_block():
+    probe = _PROBE.replace('print(json.dumps({"applied"', 'from lm.runtime import release_free_memory\nkept = resident_mb()\n'
+                           'release_free_memory()\nprint(json.dumps({"kept": kept, "applied"')
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "RNNLM_MALLOC"))}
+    r = json.loads(subprocess.run([sys.executable, "-c", probe], env=environ, capture_output=True, text=True,
+                                  check=True).stdout)
+    assert r["kept"] - r["before"] >= 300  # tuned: the freed block stayed resident ...
+    assert r["after"] - r["before"] < 10  # ... until released

@@ -54,7 +54,7 @@ from lm import state as st
 from lm.config import Recipe, TrainConfig, load
 from lm.model import RNNLM, build_model
 from lm.precision import Precision
-from lm.runtime import tune_allocator
+from lm.runtime import release_free_memory, tune_allocator
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.bptt import StreamWindows
 from pipeline.collate import PackedBatch, PackedCollator
@@ -380,6 +380,7 @@ def evaluate(model: RNNLM, data, device: torch.device, d: Dist, policy: Precisio
     """
     was = model.training
     model.eval()
+    release_free_memory()  # training's blocks differ in size from evaluation's: hand them back first
     carry = getattr(data, "carries_state", False)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
@@ -395,6 +396,7 @@ def evaluate(model: RNNLM, data, device: torch.device, d: Dist, policy: Precisio
         nll += out.nll_sum.double()
         tokens += out.num_tokens
     model.train(was)
+    release_free_memory()  # and evaluation's before training goes on
     nll, tokens = d.all_sum(float(nll), tokens)
     return nll, int(tokens)
 

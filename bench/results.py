@@ -37,7 +37,7 @@ def table(rows: list[dict]) -> str:
             f"| `{r['recipe']}` | {r['mode']} | {r['best_val_ppl']:.2f} ({r['val_tokens']:,}) | {test} "
             f"| {f'{ref[1]} / {ref[2]} ({ref[0]})' if ref else '—'} | {r['parameters']:,} "
             f"| {r['train_seconds'] / 60:.1f} min ({r['epochs']} epochs, {r['steps']:,} steps, {r['stopped_by']}) "
-            f"| {r['tokens_per_s']:,.0f} | {r['hardware']}, torch {r['torch']} |")
+            f"| {r['tokens_per_s']:,.0f} | {r['device']}: {r['hardware']}, torch {r['torch']} |")
     return "\n".join(out)
 
 
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nCommands, as each run was launched:\n")
     for r in rows:
         print(f"- `{r['command']}`")
+    missing = sorted(set(REFERENCES) - {Path(r["recipe"]).name for r in rows})
+    if missing:
+        print("\nRecipes with a published reference and no run here yet: "
+              + ", ".join(f"`recipes/{m}` ({REFERENCES[m][0]}: {REFERENCES[m][1]} / {REFERENCES[m][2]})" for m in missing)
+              + ".")
     return 0
 
 

@@ -24,9 +24,13 @@ model's shapes (:func:`step_flops`), against the fp32 GEMM rate ``torch.mm`` rea
 this machine, measured in the same run (a 4,096-square product, default threads), both
 per CPU-second.
 
+``--bf16`` adds ``lm.train`` with ``train.amp=bf16`` (its fused output layer's GEMMs on bf16
+operands; the FLOPs are still counted at fp32's count, so its "% of GEMM" is against the fp32
+peak and can exceed 100%).
+
 Usage:
     python bench/train_speed.py [--data ../shared/data/wikitext-2] [--seconds 40] [--rounds 2]
-        [--max-tokens 4096] [--threads N] [--extra key=value ...]
+        [--max-tokens 4096] [--threads N] [--bf16] [--extra key=value ...]
 """
 from __future__ import annotations
 
@@ -175,6 +179,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for our runs, e.g. model.cell=gru")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (torch's intra-op threads)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also run lm.train with train.amp=bf16 (the output layer's GEMMs on bf16 operands), "
+                         "as shipped and with MALLOC_ env")
     args = ap.parse_args()
     if args.threads:
         _THREADS["OMP_NUM_THREADS"] = str(args.threads)
@@ -194,6 +201,11 @@ def main() -> None:
         "lm.train, tuning off (before)": lambda: ours(args.data, prepared, args.seconds, args.max_tokens, args.extra,
                                                      {"RNNLM_MALLOC_TUNING": "0"}),
     }
+    if args.bf16:
+        bf16 = [*args.extra, "train.amp=bf16"]
+        runs["lm.train, train.amp=bf16"] = lambda: ours(args.data, prepared, args.seconds, args.max_tokens, bf16, {})
+        runs["lm.train + MALLOC_ env, amp=bf16"] = lambda: ours(args.data, prepared, args.seconds, args.max_tokens, bf16,
+                                                                MALLOC_ENV)
     flops = step_flops()
     print(f"cpu threads: {os.cpu_count()}, OMP_NUM_THREADS={args.threads or 'unset'}, {args.seconds:.0f} s per run, {args.rounds} interleaved rounds, "
           f"max_tokens={args.max_tokens}, {flops / 1e6:.2f} MFLOP per token", flush=True)
@@ -227,6 +239,9 @@ def main() -> None:
               f"{100 * per_cpu[name] * flops / 1e9 / peak_cpu:4.1f}% of GEMM", flush=True)
     ours_ = "lm.train, as shipped"
     for other in ("pytorch/examples + MALLOC_ env", "lm.train, tuning off (before)", "lm.train + MALLOC_ env"):
+        if other == "lm.train + MALLOC_ env" and args.bf16:
+            print(f"lm.train + MALLOC_ env, amp=bf16 / pytorch/examples + MALLOC_ env: "
+                  f"{rate['lm.train + MALLOC_ env, amp=bf16'] / rate['pytorch/examples + MALLOC_ env']:.2f}x tokens/s")
         print(f"{ours_} / {other}: {rate[ours_] / rate[other]:.2f}x tokens/s, {per_cpu[ours_] / per_cpu[other]:.2f}x "
               f"tokens per CPU-s")
 

@@ -343,7 +343,8 @@ class RNNLM(nn.Module):
                 (see :meth:`_forward_fused`) and returns ``state=None`` there.
             need_logits: ``False`` when only the loss is wanted: ``logits=None`` is
                 returned and the full softmax is scored in chunks of tokens; training on
-                a CPU fuses the output layer with the loss (:func:`lm.losses.linear_cross_entropy_sum`).
+                a CPU fuses the output layer with the loss (:func:`lm.losses.linear_cross_entropy_sum`,
+                its GEMMs in bf16 when the head was put in bf16 by ``train.amp=bf16``).
 
         Returns:
             :class:`LMOutput`; ``state`` is each sequence's state after its last real
@@ -363,7 +364,8 @@ class RNNLM(nn.Module):
             raw, h, state = self._forward_fused(inputs, state, draw, need_state)  # (N, H) twice
             reg = self._penalty(h, raw, inputs.batch_sizes)
             if not need_logits and not self.adaptive and torch.is_grad_enabled() and targets.device.type == "cpu":
-                nll_sum = linear_cross_entropy_sum(h.float(), self.head.weight, self.head.bias, targets)
+                nll_sum = linear_cross_entropy_sum(h.float(), self.head.weight, self.head.bias, targets,
+                                                   dtype=getattr(self.head, "_amp_dtype", None))
                 return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=None,
                                 state=state, reg=reg)
             logits = self._logits(h) if need_logits else None  # (N, V)

@@ -17,10 +17,16 @@ off        any                fp32                             fp32        no
 bf16       cuda               bf16 autocast                    fp32/TF32   no
 fp16       cuda (cuDNN)       fp16 autocast                    fp16 cuDNN  yes
 fp16       cuda (no cuDNN)    fp16 autocast                    fp32/TF32   yes
-bf16       cpu                bf16 autocast (full softmax)     fp32        no
+bf16       cpu                bf16 (full softmax; see below)   fp32        no
 auto       cuda               as bf16
 auto       cpu, mps           as off
 =========  =================  ==============================  ==========  ===========
+
+On a CPU, teacher-forced training scores the full softmax with the fused output layer +
+loss (:func:`lm.losses.linear_cross_entropy_sum`), which reads the head's dtype and runs its
+three GEMMs on bf16 operands (fp32 softmax inside the kernel, fp32 gradient sums): on CPUs
+with AVX-512 BF16 or AMX that is where bf16 pays (``bench/train_speed.py``). Evaluation and
+the scheduled-sampling loop run the head under CPU autocast.
 
 How. Reduced precision is put on the *output layer's modules* (:meth:`Precision.apply`
 swaps ``nn.Linear`` and ``nn.AdaptiveLogSoftmaxWithLoss`` for subclasses that open their
@@ -174,7 +180,7 @@ def choose(amp: str | bool, device_type: str, cudnn_version: int | None) -> Prec
         if amp == "fp16":
             raise ValueError("amp=fp16 is for CUDA; on a CPU use bf16 (AVX-512 BF16 / AMX) or off")
         return Precision("cpu", torch.bfloat16, f32, False, False,
-                         "precision: output layer in bf16 (CPU autocast), RNN in fp32, no loss scaling")
+                         "precision: output layer in bf16 (fused training GEMMs, autocast elsewhere), RNN in fp32, no loss scaling")
     if device_type != "cuda":
         raise ValueError(f"amp={amp} is not supported on {device_type}; use off (or auto)")
     cudnn = f"cuDNN {cudnn_version}" if cudnn_version else "no cuDNN"

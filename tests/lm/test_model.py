@@ -125,6 +125,34 @@ def test_fused_loss_refuses_a_second_derivative():
         grad_h.sum().backward()
 
 
+def test_fused_loss_in_bf16_matches_the_fp32_loss_on_bf16_operands():
+    """dtype=bf16: logits from bf16-rounded h, weight and bias, softmax computed in fp32 and
+    rounded to bf16, p - 1 at the target before rounding; the bias gradient comes out of the
+    weight-gradient GEMM (a column of ones). Reference: the same rounding done by hand."""
+    torch.manual_seed(0)
+    n, hid, v = 23, 16, 70  # chunks of 10, 10, 3
+    h, w, b = torch.randn(n, hid), torch.randn(v, hid) * 0.5, torch.randn(v)
+    t = torch.randint(0, v, (n,))
+    bf = torch.bfloat16
+    z = (h.to(bf).float() @ w.to(bf).float().t() + b.to(bf).float()).to(bf).float()
+    p = torch.softmax(z, 1)
+    nll = -p[torch.arange(n), t].to(bf).float().log().sum()
+    g = p.clone()
+    g[torch.arange(n), t] -= 1
+    g = g.to(bf).float()
+    ref = (nll, g @ w.to(bf).float(), g.t() @ h.to(bf).float(), g.sum(0))
+
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    loss = linear_cross_entropy_sum(hh, ww, bb, t, chunk=10, dtype=bf)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref[0], rtol=1e-3, atol=0)
+    for got, want in zip((hh.grad, ww.grad, bb.grad), ref[1:]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    fp32 = F.cross_entropy(h @ w.t() + b, t, reduction="sum")  # bf16's cost: <= 0.02 nats per token here
+    assert abs(loss.item() - fp32.item()) / n < 0.02
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_loss_is_mean_over_real_target_tokens(cell):
     model = make_model(cell).eval()

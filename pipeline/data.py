@@ -7,6 +7,9 @@ GPU machine with only torch + pyarrow can train.
 
 Each row holds ``input_ids`` (``<bos> tokens <eos>``, uint16 or int32) and ``length``
 (the number of ids). The model predicts ``length - 1`` tokens per row.
+
+Importing it does not import torch (``pipeline.prepare`` reads prepared splits back
+without it); :func:`make_loader` does.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.errors import UserError
 
@@ -42,8 +44,8 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-class TokenDataset(torch.utils.data.Dataset):
-    """One split of a prepared folder, memory-mapped.
+class TokenDataset:
+    """One split of a prepared folder, memory-mapped: a map-style dataset for ``DataLoader``.
 
     ``dataset[i]`` is a read-only numpy view of row ``i``'s ids (no copy);
     ``dataset.lengths`` is the length column, all a sampler needs. Pickling (DataLoader
@@ -133,7 +135,7 @@ def make_loader(
     pin_memory: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
-) -> torch.utils.data.DataLoader:
+) -> "torch.utils.data.DataLoader":
     """The data path in one call: bucket sampler over ``dataset.lengths`` + packed collator.
 
     Args:
@@ -149,6 +151,8 @@ def make_loader(
     Returns:
         A ``DataLoader`` yielding :class:`pipeline.collate.PackedBatch` with shifted targets.
     """
+    import torch
+
     from pipeline.collate import PackedCollator
     from pipeline.sampling import BucketBatchSampler
 

@@ -211,17 +211,27 @@ class StreamBucketBatcher(IterableDataset):
         self._restore = state
 
 
+_SHIFT = 40  # a buffered row's key: length << _SHIFT | stream position (positions < 2**40)
+_POS = (1 << _SHIFT) - 1
+
+
 class _Pass:
-    """One pass of one shard: the buffer, the draws, the stream position."""
+    """One pass of one shard: the buffer, the draws, the stream position.
+
+    A buffered row is an int key, ``length << 40 | position``, in its bin's list, and the
+    row itself in ``rows`` under its position: sorting a bin sorts plain ints (by length,
+    then position), and nothing but the row is kept per row (no tuple per row for the
+    garbage collector to scan while it waits in the buffer).
+    """
 
     def __init__(self, b: StreamBucketBatcher, num_shards: int, shard: int, state: dict | None) -> None:
         self.b, self.num_shards, self.shard = b, num_shards, shard
         self.rng = np.random.default_rng([b.seed, b.epoch, shard])
         self.consumed = 0  # stream items read (all shards' items, this shard's kept)
         self.edges: list[int] | None = b.bins
-        self.sample: list[tuple[int, int, Any]] = []  # rows read before the bins are known
-        # per bin: (length, position, row), sorted
-        self.bins: list[list[tuple[int, int, Any]]] = [[] for _ in self.edges or ()]
+        self.rows: dict[int, Any] = {}  # position -> row, for every buffered row
+        self.sample: list[int] = []  # keys read before the bins are known
+        self.bins: list[list[int]] = [[] for _ in self.edges or ()]  # per bin: keys (sorted before a cut)
         self.tokens = [0] * len(self.bins)  # per bin: the sum of its lengths
         self.longest = [0] * len(self.bins)  # per bin: its longest length
         self.unsorted: set[int] = set()  # bins appended to since their last sort
@@ -233,63 +243,61 @@ class _Pass:
             self.consumed, self.edges, self.done, self.upstream = state["consumed"], state["bins"], state["done"], state["upstream"]
             if state["rng"] is not None:  # None: saved before the pass began
                 self.rng.bit_generator.state = state["rng"]
-            rows = [tuple(r) for r in state["buffer"]]
+            keys = []
+            for n, pos, row in state["buffer"]:
+                keys.append(n << _SHIFT | pos)
+                self.rows[pos] = row
             if self.edges is None:
-                self.sample = rows
+                self.sample = keys
             else:
                 self.bins = [[] for _ in range(len(self.edges))]
                 self.tokens, self.longest = [0] * len(self.edges), [0] * len(self.edges)
-                for r in rows:  # a bin's order does not matter: it is sorted before every cut
-                    self._add(r)
-            self.held = len(rows)
+                for k in keys:  # a bin's order does not matter: it is sorted before every cut
+                    self._add(k)
+            self.held = len(keys)
             self.tail = [list(t) for t in state.get("tail", [])]
 
     def state(self) -> dict[str, Any]:
-        rows = self.sample if self.edges is None else [r for bin_ in self.bins for r in bin_]
+        keys = self.sample if self.edges is None else [k for bin_ in self.bins for k in bin_]
         upstream = None
         src = self.b.source
         if hasattr(src, "state_dict") and callable(getattr(src, "load_state_dict", None)) and self.num_shards == 1:
             upstream = src.state_dict()
+        buffer = [[k >> _SHIFT, k & _POS, self.rows[k & _POS]] for k in keys]
         return {"epoch": self.b.epoch, "num_shards": self.num_shards, "shard": self.shard, "consumed": self.consumed,
-                "bins": self.edges, "buffer": [list(r) for r in rows], "rng": self.rng.bit_generator.state,
+                "bins": self.edges, "buffer": buffer, "rng": self.rng.bit_generator.state,
                 "upstream": upstream, "done": self.done, "tail": [list(t) for t in self.tail], "config": self.b._config()}
 
     # ---------------------------------------------------------------- the stream
 
-    def _items(self) -> Iterator[tuple[int, Any]]:
-        """(position, row) of this shard's items after the consumed ones."""
+    def _items(self) -> Iterator[Any]:
+        """The stream from the first unconsumed item (every shard's items; :meth:`run` keeps its own)."""
         src = self.b.source
         if self.upstream is not None:
             src.load_state_dict(self.upstream)  # a Hugging Face IterableDataset resumes itself
-            it = iter(src)
-        else:
-            it = iter(src() if callable(src) and not hasattr(src, "__iter__") else src)
-            it = itertools.islice(it, self.consumed, None)  # re-read, not re-emitted
-        for pos, row in enumerate(it, self.consumed):
-            self.consumed = pos + 1
-            if pos % self.num_shards == self.shard:
-                yield pos, row
+            return iter(src)
+        it = iter(src() if callable(src) and not hasattr(src, "__iter__") else src)
+        return itertools.islice(it, self.consumed, None)  # re-read, not re-emitted
 
-    def _bin(self, length: int) -> int:
-        return min(bisect.bisect_left(self.edges, length), len(self.edges) - 1)
-
-    def _add(self, entry: tuple[int, int, Any]) -> None:
-        i = self._bin(entry[0])
-        self.bins[i].append(entry)  # sorted when a batch is cut from the bin (see _cut)
+    def _add(self, key: int) -> None:
+        n = key >> _SHIFT
+        i = min(bisect.bisect_left(self.edges, n), len(self.edges) - 1)
+        self.bins[i].append(key)  # sorted when a batch is cut from the bin (see _cut)
         self.unsorted.add(i)
-        self.tokens[i] += entry[0]
-        self.longest[i] = max(self.longest[i], entry[0])
+        self.tokens[i] += n
+        if n > self.longest[i]:
+            self.longest[i] = n
         self.held += 1
 
     def _estimate_bins(self) -> None:
-        lengths = np.array([e[0] for e in self.sample])
+        lengths = np.array([k >> _SHIFT for k in self.sample])
         qs = np.quantile(lengths, np.linspace(0, 1, self.b.num_bins + 1)[1:], method="higher") if len(lengths) else [1]
         self.edges = sorted({int(q) for q in qs})
         self.bins = [[] for _ in self.edges]
         self.tokens, self.longest = [0] * len(self.edges), [0] * len(self.edges)
         sample, self.sample, self.held = self.sample, [], 0
-        for e in sample:
-            self._add(e)
+        for k in sample:
+            self._add(k)
 
     # ---------------------------------------------------------------- batches
 
@@ -306,39 +314,39 @@ class _Pass:
         bin_ = self.bins[i]
         return bool(bin_) and not self._fits(len(bin_), self.tokens[i], self.longest[i])
 
-    def _cut(self, i: int, start: int) -> list[tuple[int, int, Any]]:
-        """Remove and return the run of bin ``i`` from ``start`` (then below it) that fills the budget."""
+    def _cut(self, i: int, start: int) -> list[int]:
+        """Remove and return the keys of the run of bin ``i`` from ``start`` (then below it) that fills the budget."""
         bin_, bs, mt = self.bins[i], self.b.batch_size, self.b.max_tokens
         if i in self.unsorted:
-            bin_.sort()  # (length, position) tuples compare in C; positions are unique
+            bin_.sort()  # ints: by length, then stream position
             self.unsorted.discard(i)
         n = len(bin_)
         if mt is None:  # rows only: no per-row test
             hi = min(start + bs, n)
             lo = max(0, hi - bs)
-            total = sum(e[0] for e in bin_[lo:hi])
+            total = sum(k >> _SHIFT for k in bin_[lo:hi])
         else:
             padded, rows_cap = self.b.cost == "padded", bs or n
             hi, total, longest = start, 0, 0
             while hi < n and hi - start < rows_cap:
-                length = bin_[hi][0]  # ascending: the newest row is the longest
+                length = bin_[hi] >> _SHIFT  # ascending: the newest row is the longest
                 if (hi - start + 1) * length > mt if padded else total + length > mt:
                     break
                 total, longest = total + length, length
                 hi += 1
             lo = start
             while lo > 0 and hi - lo < rows_cap:  # shorter rows: the longest stays
-                length = bin_[lo - 1][0]
+                length = bin_[lo - 1] >> _SHIFT
                 if (hi - lo + 1) * longest > mt if padded else total + length > mt:
                     break
                 total += length
                 lo -= 1
-        batch = bin_[lo:hi]
+        keys = bin_[lo:hi]
         del bin_[lo:hi]
-        self.held -= len(batch)
+        self.held -= len(keys)
         self.tokens[i] -= total
-        self.longest[i] = bin_[-1][0] if bin_ else 0
-        return batch
+        self.longest[i] = bin_[-1] >> _SHIFT if bin_ else 0
+        return keys
 
     def _emit(self) -> list[Any]:
         """One batch from the buffer (step 3 of the class docstring)."""
@@ -352,8 +360,9 @@ class _Pass:
             i, start = int(np.argmax(counts * full if full.any() else counts)), 0
         return self._rows(self._cut(i, start))
 
-    def _rows(self, batch: list[tuple[int, int, Any]]) -> list[Any]:
-        return [e[2] for e in reversed(batch)]  # a run of an ascending bin: longest first
+    def _rows(self, keys: list[int]) -> list[Any]:
+        pop = self.rows.pop
+        return [pop(k & _POS) for k in reversed(keys)]  # a run of an ascending bin: longest first
 
     def _drain(self) -> None:
         """Cut every bin into batches and order them (step 5)."""
@@ -367,20 +376,37 @@ class _Pass:
         self.tail = [batches[i] for i in order]
 
     def run(self) -> Iterator[list[Any]]:
-        b, key, cap = self.b, self.b.key, self.b.max_tokens or float("inf")
+        """The pass's batches. The per-row loop is written flat (locals, no call per row):
+        it is the batcher's whole cost per stream item."""
+        b = self.b
         if not self.done:
-            for pos, row in self._items():
+            key, cap, size, num_shards, shard = b.key, b.max_tokens or float("inf"), b.buffer_size, self.num_shards, self.shard
+            rows, unsorted, bisect_left = self.rows, self.unsorted, bisect.bisect_left
+            for pos, row in enumerate(self._items(), self.consumed):
+                self.consumed = pos + 1
+                if num_shards > 1 and pos % num_shards != shard:
+                    continue
                 n = len(row[key]) if isinstance(row, dict) else len(row)
                 if n > cap:
                     raise ValueError(f"stream item {pos} has {n} tokens, more than max_tokens={b.max_tokens}")
+                rows[pos] = row
                 if self.edges is None:
-                    self.sample.append((n, pos, row))
+                    self.sample.append(n << _SHIFT | pos)
                     self.held += 1
                     if len(self.sample) >= b.bin_sample:
                         self._estimate_bins()
-                else:
-                    self._add((n, pos, row))
-                while self.edges is not None and self.held >= b.buffer_size:
+                    continue
+                edges, last = self.edges, len(self.edges) - 1
+                i = bisect_left(edges, n)  # self._add, inline
+                if i > last:
+                    i = last
+                self.bins[i].append(n << _SHIFT | pos)
+                unsorted.add(i)
+                self.tokens[i] += n
+                if n > self.longest[i]:
+                    self.longest[i] = n
+                self.held += 1
+                while self.held >= size:
                     yield self._emit()
             self.done = True
             self._drain()

@@ -121,7 +121,10 @@ def test_recipe_keys_are_read_with_the_values_written(path: Path, kind):
 def test_command_line_wins_over_the_profile_and_the_profile_over_the_recipe():
     wikitext = REPO_ROOT / "recipes" / "wikitext.yaml"
     on_cpu = load(wikitext, ["train.device=cpu", "train.max_time=60"])
-    assert (on_cpu.train.mode, on_cpu.model.hidden_size, on_cpu.train.max_time) == ("sequence", 256, 60.0)
+    assert (on_cpu.train.mode, on_cpu.train.batch_size, on_cpu.train.bptt) == ("stream", 32, 35)  # the profile's
+    assert (on_cpu.model.hidden_size, on_cpu.train.max_time) == (256, 60.0)  # the profile's, the command line's
+    lines = load(wikitext, ["train.device=cpu", "train.mode=sequence", "train.batch_size=null", "train.max_tokens=4096"])
+    assert (lines.train.mode, lines.train.batch_size, lines.train.max_tokens) == ("sequence", None, 4096)
     on_gpu = load(wikitext, ["train.device=cuda"])
     assert (on_gpu.train.mode, on_gpu.model.hidden_size, on_gpu.train.max_time) == ("stream", 800, 600.0)
 

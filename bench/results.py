@@ -2,6 +2,9 @@
 
     python bench/results.py runs/zaremba_small runs/wikitext [...] > RESULTS.md
 
+A run folder may also hold ``anchor.json`` (``bench/ptex_protocol.py --keep``): what a user
+would run instead, measured in the same bench run; it fills the reference column.
+
 Each run folder holds ``result.json`` (written by ``lm.train`` at the end: the command that
 launched it, hardware, train seconds, tokens/s, protocol, validation and test perplexity
 with their token counts, parameter count) and ``recipe.yaml``. Published references, where a
@@ -23,7 +26,19 @@ REFERENCES = {
 def row(run: Path) -> dict:
     res = json.loads((run / "result.json").read_text())
     recipe = res["command"].split(" lm.train ", 1)[-1].split()[0]
-    return {**res, "recipe": recipe, "run": str(run)}
+    anchor = run / "anchor.json"  # written by bench/ptex_protocol.py --keep: the other side of that bench run
+    return {**res, "recipe": recipe, "run": str(run), "anchor": json.loads(anchor.read_text()) if anchor.is_file() else None}
+
+
+def reference(r: dict) -> str:
+    ref = REFERENCES.get(Path(r["recipe"]).name)
+    if ref:
+        return f"{ref[1]} / {ref[2]} ({ref[0]})"
+    a = r["anchor"]
+    if a:
+        test = f"{a['test_ppl']:.2f}" if a.get("test_ppl") else "—"
+        return f"{a['val_ppl']:.2f} / {test} ({a['what']}; {a['tokens_per_s']:,.0f} tokens/s)"
+    return "—"
 
 
 def table(rows: list[dict]) -> str:
@@ -31,11 +46,10 @@ def table(rows: list[dict]) -> str:
            "| train time | tokens/s | hardware |",
            "|---|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
-        ref = REFERENCES.get(Path(r["recipe"]).name)
         test = f"{r['test_ppl']:.2f} ({r['test_tokens']:,})" if r.get("test_ppl") else "—"
         out.append(
             f"| `{r['recipe']}` | {r['mode']} | {r['best_val_ppl']:.2f} ({r['val_tokens']:,}) | {test} "
-            f"| {f'{ref[1]} / {ref[2]} ({ref[0]})' if ref else '—'} | {r['parameters']:,} "
+            f"| {reference(r)} | {r['parameters']:,} "
             f"| {r['train_seconds'] / 60:.1f} min ({r['epochs']} epochs, {r['steps']:,} steps, {r['stopped_by']}) "
             f"| {r['tokens_per_s']:,.0f} | {r['device']}: {r['hardware']}, torch {r['torch']} |")
     return "\n".join(out)
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nCommands, as each run was launched:\n")
     for r in rows:
         print(f"- `{r['command']}`")
+        if r["anchor"]:
+            print(f"  (its reference, in the same bench run: `{r['anchor']['command']}`)")
     missing = sorted(set(REFERENCES) - {Path(r["recipe"]).name for r in rows})
     if missing:
         print("\nRecipes with a published reference and no run here yet: "

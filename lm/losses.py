@@ -11,6 +11,27 @@ from torch.autograd.function import once_differentiable
 
 _TINY = torch.finfo(torch.float32).tiny  # a probability that rounded to 0 scores as ~87.3 nats, not inf
 
+# One reusable block per (device, dtype) for a chunk of logits: on a CPU a fresh (2,048, V)
+# tensor per chunk is a fresh mmap (272 MB at V = 33,280) that the kernel faults in and
+# zeroes every time, and blocks of varying size fragment the heap when glibc is told to keep
+# them (lm.runtime.tune_allocator). A flat block serves every chunk shape up to its size.
+_BLOCKS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def block(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``(rows, cols)`` scratch tensor carved from a block kept across calls.
+
+    Its contents are garbage. The block is shared: a caller must be done with the tensor
+    before anything asks for another of the same device and dtype (the chunk loops here are).
+    It grows to the largest request and is never shrunk.
+    """
+    key = (torch.device(device), dtype)
+    buf = _BLOCKS.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        _BLOCKS.pop(key, None)  # the smaller block goes first, so the two never coexist
+        buf = _BLOCKS[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+    return buf[: rows * cols].view(rows, cols)
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(h @ weight.T + bias, targets))`` computed a chunk of tokens at a time.
@@ -55,7 +76,8 @@ def _fp32_chunks(h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk
     nll = h.new_zeros(())
     for s in range(0, h.size(0), chunk):
         hc, tc = h[s : s + chunk], targets[s : s + chunk]  # (c, H), (c,)
-        logp = torch.log_softmax(torch.addmm(bias, hc, weight.t()), dim=1)  # (c, V)
+        logp = torch.addmm(bias, hc, weight.t(), out=block(tc.numel(), weight.size(0), h.dtype, h.device))  # (c, V)
+        torch.ops.aten._log_softmax.out(logp, 1, False, out=logp)  # in place, row by row
         nll -= logp.gather(1, tc[:, None]).sum()
         g = logp.exp_()  # (c, V) softmax, in place
         g[torch.arange(tc.numel(), device=tc.device), tc] -= 1.0  # d nll / d logits
@@ -80,7 +102,8 @@ def _low_precision_chunks(h: Tensor, weight: Tensor, bias: Tensor, targets: Tens
         c = tc.numel()
         ha = hq[:c]
         ha[:, :H].copy_(h[s : s + c])
-        p = torch.softmax(torch.addmm(bq, ha[:, :H], wq.t()), dim=1)  # (c, V) in dtype, softmax in fp32 inside
+        p = torch.addmm(bq, ha[:, :H], wq.t(), out=block(c, wq.size(0), dtype, h.device))  # (c, V) logits
+        torch.ops.aten._softmax.out(p, 1, False, out=p)  # in place; fp32 inside the kernel
         rows = torch.arange(c, device=tc.device)
         pt = p[rows, tc].float()
         nll -= pt.clamp_min(_TINY).log().sum()
@@ -106,3 +129,30 @@ def linear_cross_entropy_sum(h: Tensor, weight: Tensor, bias: Tensor, targets: T
         The scalar summed NLL (fp32); differentiable once in ``h``, ``weight`` and ``bias``.
     """
     return _LinearCrossEntropy.apply(h, weight, bias, targets, chunk, dtype)
+
+
+@torch.no_grad()
+def chunked_nll(h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk: int = 2048,
+                dtype: torch.dtype | None = None) -> Tensor:
+    """Per-token NLL ``(N,)`` of ``targets`` under ``softmax(h @ weight.T + bias)``, for evaluation.
+
+    A chunk of tokens at a time in reused blocks (:func:`block`): the logits, then the
+    log-softmax in place over them, so scoring a split allocates nothing per chunk. With
+    ``dtype=torch.bfloat16`` the logits are computed from bf16 operands and rounded to bf16,
+    the log-softmax in fp32 (what autocast and ``cross_entropy(logits.float())`` give).
+    """
+    n, V = h.size(0), weight.size(0)
+    low = dtype not in (None, torch.float32)
+    if low:
+        wq, bq = weight.to(dtype), bias.to(dtype)
+    out = h.new_empty(n, dtype=torch.float32)
+    for s in range(0, n, chunk):
+        hc, tc = h[s : s + chunk], targets[s : s + chunk]
+        logp = block(tc.numel(), V, torch.float32, h.device)
+        if low:
+            logp.copy_(torch.addmm(bq, hc.to(dtype), wq.t(), out=block(tc.numel(), V, dtype, h.device)))
+        else:
+            torch.addmm(bias.float(), hc.float(), weight.float().t(), out=logp)
+        torch.ops.aten._log_softmax.out(logp, 1, False, out=logp)
+        torch.neg(logp.gather(1, tc[:, None]).squeeze(1), out=out[s : s + chunk])
+    return out

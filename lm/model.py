@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lm import state as st
 from lm.config import ModelConfig
-from lm.losses import linear_cross_entropy_sum
+from lm.losses import chunked_nll, linear_cross_entropy_sum
 from lm.regularize import activation_penalty, drop_connect, locked_mask, word_dropout_scale
 from lm.rnn import check_prob, layer_weights, make_rnn, run_rnn
 from lm.state import State
@@ -271,6 +271,8 @@ class RNNLM(nn.Module):
         if self.adaptive:
             return -self.head(h, targets).output
         if logits is None:
+            if h.device.type == "cpu" and not torch.is_grad_enabled():  # evaluation: reused blocks, nothing per chunk
+                return chunked_nll(h, self.head.weight, self.head.bias, targets, chunk, getattr(self.head, "_amp_dtype", None))
             return torch.cat([
                 F.cross_entropy(self.head(h[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
                 for s in range(0, h.size(0), chunk)

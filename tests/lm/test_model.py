@@ -153,6 +153,33 @@ def test_fused_loss_in_bf16_matches_the_fp32_loss_on_bf16_operands():
     assert abs(loss.item() - fp32.item()) / n < 0.02
 
 
+def test_cpu_scoring_reuses_one_block_per_dtype_and_matches_cross_entropy():
+    """Evaluation (no grad, CPU) scores chunks in a block kept across calls: no (c, V)
+    allocation per chunk; the fused training loss uses the same block. bf16: logits from
+    bf16 operands rounded to bf16, log-softmax in fp32, as cross_entropy(logits.float())."""
+    from lm import losses
+
+    torch.manual_seed(0)
+    h, w, b = torch.randn(23, 16), torch.randn(70, 16) * 0.5, torch.randn(70)
+    t = torch.randint(0, 70, (23,))
+    want = F.cross_entropy(h @ w.t() + b, t, reduction="none")
+    got = losses.chunked_nll(h, w, b, t, chunk=10)
+    torch.testing.assert_close(got, want)
+    first = losses._BLOCKS[(torch.device("cpu"), torch.float32)]
+    assert first.numel() == 10 * 70  # the largest chunk's size
+    torch.testing.assert_close(losses.chunked_nll(h, w, b, t, chunk=10), want)
+    linear_cross_entropy_sum(h, w, b, t, chunk=10)
+    assert losses._BLOCKS[(torch.device("cpu"), torch.float32)] is first  # reused, not reallocated
+    bf = torch.bfloat16
+    with torch.autocast("cpu", dtype=bf):
+        logits = F.linear(h, w, b)
+    assert logits.dtype == bf
+    torch.testing.assert_close(losses.chunked_nll(h, w, b, t, chunk=10, dtype=bf),
+                               F.cross_entropy(logits.float(), t, reduction="none"))
+    big = losses.block(30, 70, torch.float32, torch.device("cpu"))  # a larger request replaces the block
+    assert big.shape == (30, 70) and losses._BLOCKS[(torch.device("cpu"), torch.float32)].numel() == 30 * 70
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_loss_is_mean_over_real_target_tokens(cell):
     model = make_model(cell).eval()

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.embed_dim=64", "model.hidden_size=64", "model.num_layers=1", "model.tie_weights=true",
          "model.locked_dropout=false", "train.max_tokens=4096", "train.plot=false", "train.prompts=[]", "train.epochs=null",
-         "train.schedule=constant", "train.warmup_steps=0", "train.eval_every=null", "train.device=cpu"]
+         "train.schedule=constant", "train.warmup_steps=0", "train.eval_every=null", "train.device=cpu",
+         "train.mode=sequence", "train.batch_size=null", "model.adaptive_cutoffs=null"]
 
 
 def _tree_rss_mb(pid: int) -> float:

@@ -57,7 +57,7 @@ SAME_MODEL = [
     "model.tie_weights=false", "model.adaptive_cutoffs=null",
     "train.optimizer=sgd", "train.lr=20", "train.clip=0.25", "train.schedule=plateau", "train.warmup_steps=0",
     "train.weight_decay=0", "train.device=cpu", "train.epochs=null", "train.plot=false", "train.prompts=[]",
-    "train.eval_every=null", "train.log_every=1",
+    "train.eval_every=null", "train.log_every=1", "train.mode=sequence", "train.batch_size=null",
 ]
 # what the issue measured by hand: large blocks never mmapped, freed memory never trimmed
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",

@@ -301,18 +301,12 @@ class _Pass:
 
     # ---------------------------------------------------------------- batches
 
-    def _fits(self, n: int, total: int, longest: int) -> bool:
+    def _over(self, n: int, total: int, longest: int) -> bool:
+        """Whether ``n`` rows of ``total`` tokens, the longest ``longest``, exceed one batch's budget."""
         b = self.b
         if b.batch_size is not None and n > b.batch_size:
-            return False
-        if b.max_tokens is not None:
-            return (total if b.cost == "unpadded" else n * longest) <= b.max_tokens
-        return True
-
-    def _full(self, i: int) -> bool:
-        """Whether bin ``i`` holds more than one batch's budget (O(1): its rows, their sum, its longest)."""
-        bin_ = self.bins[i]
-        return bool(bin_) and not self._fits(len(bin_), self.tokens[i], self.longest[i])
+            return True
+        return b.max_tokens is not None and (total if b.cost == "unpadded" else n * longest) > b.max_tokens
 
     def _cut(self, i: int, start: int) -> list[int]:
         """Remove and return the keys of the run of bin ``i`` from ``start`` (then below it) that fills the budget."""
@@ -349,15 +343,20 @@ class _Pass:
         return keys
 
     def _emit(self) -> list[Any]:
-        """One batch from the buffer (step 3 of the class docstring)."""
-        counts = np.fromiter(map(len, self.bins), np.int64, len(self.bins))
-        full = np.fromiter((self._full(i) for i in range(len(self.bins))), bool, len(self.bins))
-        if self.b.shuffle:
-            weights = counts * full if full.any() else (counts == counts.max()) * counts
-            i = int(self.rng.choice(len(self.bins), p=weights / weights.sum()))
-            start = int(self.rng.integers(len(self.bins[i])))
+        """One batch from the buffer (step 3 of the class docstring). Plain Python over the
+        bins' counters: it runs once per batch, and numpy's per-call cost would dominate."""
+        counts = [len(bin_) for bin_ in self.bins]
+        full = [c if c and self._over(c, t, m) else 0 for c, t, m in zip(counts, self.tokens, self.longest)]
+        if not any(full):  # no bin holds a whole batch: the fullest
+            top = max(counts)
+            full = [c if c == top else 0 for c in counts]
+        if self.b.shuffle:  # a bin with chance proportional to its rows, then a start in it
+            u, v = self.rng.random(2).tolist()
+            cum = list(itertools.accumulate(full))
+            i = bisect.bisect_right(cum, u * cum[-1])
+            start = int(v * counts[i])
         else:
-            i, start = int(np.argmax(counts * full if full.any() else counts)), 0
+            i, start = full.index(max(full)), 0
         return self._rows(self._cut(i, start))
 
     def _rows(self, keys: list[int]) -> list[Any]:

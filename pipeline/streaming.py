@@ -381,8 +381,10 @@ class _Pass:
         if not self.done:
             key, cap, size, num_shards, shard = b.key, b.max_tokens or float("inf"), b.buffer_size, self.num_shards, self.shard
             rows, unsorted, bisect_left = self.rows, self.unsorted, bisect.bisect_left
-            for pos, row in enumerate(self._items(), self.consumed):
-                self.consumed = pos + 1
+            while self.edges is not None and self.held >= size:  # a resumed pass stopped between these batches
+                yield self._emit()
+            pos = self.consumed - 1
+            for pos, row in enumerate(self._items(), self.consumed):  # self.consumed is kept up to date at each yield
                 if num_shards > 1 and pos % num_shards != shard:
                     continue
                 n = len(row[key]) if isinstance(row, dict) else len(row)
@@ -392,21 +394,24 @@ class _Pass:
                 if self.edges is None:
                     self.sample.append(n << _SHIFT | pos)
                     self.held += 1
-                    if len(self.sample) >= b.bin_sample:
-                        self._estimate_bins()
-                    continue
-                edges, last = self.edges, len(self.edges) - 1
-                i = bisect_left(edges, n)  # self._add, inline
-                if i > last:
-                    i = last
-                self.bins[i].append(n << _SHIFT | pos)
-                unsorted.add(i)
-                self.tokens[i] += n
-                if n > self.longest[i]:
-                    self.longest[i] = n
-                self.held += 1
+                    if len(self.sample) < b.bin_sample:
+                        continue
+                    self._estimate_bins()
+                else:
+                    edges, last = self.edges, len(self.edges) - 1
+                    i = bisect_left(edges, n)  # self._add, inline
+                    if i > last:
+                        i = last
+                    self.bins[i].append(n << _SHIFT | pos)
+                    unsorted.add(i)
+                    self.tokens[i] += n
+                    if n > self.longest[i]:
+                        self.longest[i] = n
+                    self.held += 1
                 while self.held >= size:
+                    self.consumed = pos + 1
                     yield self._emit()
+            self.consumed = pos + 1
             self.done = True
             self._drain()
         while self.tail:

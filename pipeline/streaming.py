@@ -383,7 +383,9 @@ class _Pass:
             rows, unsorted, bisect_left = self.rows, self.unsorted, bisect.bisect_left
             while self.edges is not None and self.held >= size:  # a resumed pass stopped between these batches
                 yield self._emit()
-            pos = self.consumed - 1
+            pos, held = self.consumed - 1, self.held
+            edges, bins, tokens, longest = self.edges, self.bins, self.tokens, self.longest
+            last = len(edges or ()) - 1
             for pos, row in enumerate(self._items(), self.consumed):  # self.consumed is kept up to date at each yield
                 if num_shards > 1 and pos % num_shards != shard:
                     continue
@@ -391,26 +393,31 @@ class _Pass:
                 if n > cap:
                     raise ValueError(f"stream item {pos} has {n} tokens, more than max_tokens={b.max_tokens}")
                 rows[pos] = row
-                if self.edges is None:
+                held += 1
+                if edges is None:
                     self.sample.append(n << _SHIFT | pos)
-                    self.held += 1
                     if len(self.sample) < b.bin_sample:
                         continue
+                    self.held = held
                     self._estimate_bins()
+                    edges, bins, tokens, longest = self.edges, self.bins, self.tokens, self.longest
+                    last = len(edges) - 1
                 else:
-                    edges, last = self.edges, len(self.edges) - 1
-                    i = bisect_left(edges, n)  # self._add, inline
+                    i = bisect_left(edges, n)  # as self._add
                     if i > last:
                         i = last
-                    self.bins[i].append(n << _SHIFT | pos)
+                    bins[i].append(n << _SHIFT | pos)
                     unsorted.add(i)
-                    self.tokens[i] += n
-                    if n > self.longest[i]:
-                        self.longest[i] = n
-                    self.held += 1
-                while self.held >= size:
-                    self.consumed = pos + 1
-                    yield self._emit()
+                    tokens[i] += n
+                    if n > longest[i]:
+                        longest[i] = n
+                if held >= size:
+                    self.held = held
+                    while self.held >= size:
+                        self.consumed = pos + 1
+                        yield self._emit()
+                    held = self.held
+            self.held = held
             self.consumed = pos + 1
             self.done = True
             self._drain()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def theirs(data: Path, epochs: int) -> dict:
     test = re.search(r"test ppl ([\d.]+)", out)
     return {"val_ppl": float(last[2]), "test_ppl": float(test[1]) if test else None, "tokens_per_s": float(last[1]),
             "epoch_seconds": float(last[0]), "wall_seconds": round(wall, 1),
-            "command": f"python {ANCHOR.relative_to(ROOT.parent)} {data} {epochs}"}
+            "command": f"python {os.path.relpath(ANCHOR, ROOT)} {data} {epochs}"}
 
 
 def ours(data: Path, epochs: int, keep: Path | None) -> dict:
@@ -76,6 +77,7 @@ def main() -> int:
     if args.keep is not None:
         (args.keep / "anchor.json").write_text(json.dumps({"what": "pytorch/examples main.py defaults "
                                                            "(../shared/anchors/ptex_epoch.py), same machine, same bench run",
+                                                           "bench_command": " ".join(["python", "bench/ptex_protocol.py", *sys.argv[1:]]),
                                                            **a}, indent=1) + "\n")
     print(f"lm.train recipes/ptex_wikitext2.yaml ({args.epochs} epoch): {json.dumps(b)}", flush=True)
     print(f"validation ppl ours/theirs {b['val_ppl'] / a['val_ppl']:.3f}; "

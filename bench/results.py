@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"- `{r['command']}`")
         if r["anchor"]:
-            print(f"  (its reference, in the same bench run: `{r['anchor']['command']}`)")
+            bench = f"; both measured by `{r['anchor']['bench_command']}`" if r["anchor"].get("bench_command") else ""
+            print(f"  (its reference, in the same bench run: `{r['anchor']['command']}`{bench})")
     missing = sorted(set(REFERENCES) - {Path(r["recipe"]).name for r in rows})
     if missing:
         print("\nRecipes with a published reference and no run here yet: "

@@ -4,9 +4,11 @@ glibc's ``malloc`` serves every block above ``M_MMAP_THRESHOLD`` (at most 32 MB 
 dynamic threshold) with a fresh ``mmap`` and unmaps it at ``free``. A full-softmax step
 allocates several such blocks (one chunk of logits is 2,048 x 33,280 floats = 272 MB), so
 every step the kernel maps, page-faults and zeroes them again: about a third of a CPU
-training process's time went to the kernel (issue 13, ``BENCHMARKS.md``).
-:func:`tune_allocator` keeps large blocks on the heap and freed memory in the process,
-so the next step reuses the same, already-faulted pages.
+training process's time went to the kernel (issue 13, ``BENCHMARKS.md``). The output layer
+now keeps its chunk of logits in one reused block (``lm.losses.block``), which removes most of
+that; :func:`tune_allocator` keeps the remaining large temporaries (gradient buffers, LSTM
+workspaces) on the heap and freed memory in the process, so the next step reuses the same,
+already-faulted pages (+2% tokens/s on top of the blocks).
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ def tune_allocator(enabled: bool | None = None) -> dict[str, int]:
     Call it once, first thing in a command's ``main()``: it affects allocations made after
     it. Elsewhere (macOS, Windows, musl) it does nothing. Setting ``M_MMAP_THRESHOLD``
     explicitly also turns off glibc's dynamic threshold, so the settings hold for the
-    whole run. The cost is memory: freed blocks stay on the heap, and blocks of varying
-    size fragment it, so peak RSS grows (+18% for training alone, +51% to +113% for a short run
-    with evaluation in ``bench/train_memory.py``; BENCHMARKS.md, issue 13).
+    whole run. Freed blocks stay on the heap; before the output layer reused its block,
+    blocks of varying size fragmented it and peak RSS grew by 51–113% in
+    ``bench/train_memory.py``; with the reused blocks the tuned and untuned peaks are equal
+    (780 / 783 MB there; BENCHMARKS.md, issue 13).
 
     Args:
         enabled: ``None`` reads the environment: ``RNNLM_MALLOC_TUNING=0`` turns it off,

@@ -153,12 +153,13 @@ def test_fused_loss_in_bf16_matches_the_fp32_loss_on_bf16_operands():
     assert abs(loss.item() - fp32.item()) / n < 0.02
 
 
-def test_cpu_scoring_reuses_one_block_per_dtype_and_matches_cross_entropy():
+def test_cpu_scoring_reuses_one_block_per_dtype_and_matches_cross_entropy(monkeypatch):
     """Evaluation (no grad, CPU) scores chunks in a block kept across calls: no (c, V)
     allocation per chunk; the fused training loss uses the same block. bf16: logits from
     bf16 operands rounded to bf16, log-softmax in fp32, as cross_entropy(logits.float())."""
     from lm import losses
 
+    monkeypatch.setattr(losses, "_BLOCKS", {})  # not the blocks earlier tests left behind
     torch.manual_seed(0)
     h, w, b = torch.randn(23, 16), torch.randn(70, 16) * 0.5, torch.randn(70)
     t = torch.randint(0, 70, (23,))

@@ -9,11 +9,12 @@ the text file (``datasets.load_dataset("text", streaming=True)``, encoded on the
 3. Memory: peak RSS of a fresh child consuming ``--repeat 1`` and ``--repeat N`` passes
    of the stream through the batcher (the file re-streamed N times by a generator).
 
-Usage: python bench/stream.py [--data ../shared/data/wikitext-2] [--repeat 50] [--rounds 3]
+Usage: python bench/stream.py [--data ../shared/data/wikitext-2] [--repeat 50] [--rounds 3] [--gc-split]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import os
 import resource
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=50, help="passes of the file for the memory row")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--buffer-size", type=int, default=10_000)
+    p.add_argument("--gc-split", action="store_true", help="also time both with gc.disable(), to split off the collector's share")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
@@ -116,16 +118,29 @@ def main() -> None:
     def batched() -> int:
         return sum(len(r["input_ids"]) for batch in StreamBucketBatcher(train, batch_size=32, buffer_size=args.buffer_size) for r in batch)
 
-    times: dict[str, list[float]] = {"plain": [], "batched": []}
+    times: dict[str, list[float]] = {"plain": [], "batched": [], "plain, gc off": [], "batched, gc off": []}
     for _ in range(args.rounds):
         for name, fn in (("plain", plain), ("batched", batched)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+        if args.gc_split:  # the same two with Python's garbage collector off: what the collector costs
+            gc.disable()
+            try:
+                for name, fn in (("plain, gc off", plain), ("batched, gc off", batched)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
     a, b = min(times["plain"]), min(times["batched"])
     print(f"\nread + encode the stream: {a:.2f} s (best of {args.rounds}); with the batcher: {b:.2f} s; "
           f"overhead {100 * (b / a - 1):+.1f}% (rounds: {', '.join(f'{x:.2f}' for x in times['plain'])} | "
           f"{', '.join(f'{x:.2f}' for x in times['batched'])})")
+    if args.gc_split:
+        c, d = min(times["plain, gc off"]), min(times["batched, gc off"])
+        print(f"with gc.disable(): plain {c:.3f} s, batched {d:.3f} s: the batcher's own work {d - c:.3f} s "
+              f"({1e6 * (d - c) / len(rows):.1f} us per row), the collector's extra {(b - a) - (d - c):.3f} s")
 
     # 3. memory, fresh children
     print("\npeak RSS through the batcher (fresh process each):")

@@ -239,9 +239,6 @@ def main() -> None:
               f"{100 * per_cpu[name] * flops / 1e9 / peak_cpu:4.1f}% of GEMM", flush=True)
     ours_ = "lm.train, as shipped"
     for other in ("pytorch/examples + MALLOC_ env", "lm.train, tuning off (before)", "lm.train + MALLOC_ env"):
-        if other == "lm.train + MALLOC_ env" and args.bf16:
-            print(f"lm.train + MALLOC_ env, amp=bf16 / pytorch/examples + MALLOC_ env: "
-                  f"{rate['lm.train + MALLOC_ env, amp=bf16'] / rate['pytorch/examples + MALLOC_ env']:.2f}x tokens/s")
         print(f"{ours_} / {other}: {rate[ours_] / rate[other]:.2f}x tokens/s, {per_cpu[ours_] / per_cpu[other]:.2f}x "
               f"tokens per CPU-s")
 

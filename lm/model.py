@@ -254,6 +254,11 @@ class RNNLM(nn.Module):
             return torch.zeros((), device=raw.device)
         return activation_penalty(dropped, raw, batch_sizes, self.ar, self.tar)
 
+    @property
+    def _head_dtype(self) -> torch.dtype | None:
+        """The dtype a precision policy put the full-softmax head in (``None``: fp32)."""
+        return getattr(self.head, "_amp_dtype", None)
+
     def _logits(self, h: Tensor) -> Tensor | None:
         """Full-softmax logits ``(n, V)``; ``None`` with the adaptive softmax."""
         return None if self.adaptive else self.head(h)
@@ -272,7 +277,7 @@ class RNNLM(nn.Module):
             return -self.head(h, targets).output
         if logits is None:
             if h.device.type == "cpu" and not torch.is_grad_enabled():  # evaluation: reused blocks, nothing per chunk
-                return chunked_nll(h, self.head.weight, self.head.bias, targets, chunk, getattr(self.head, "_amp_dtype", None))
+                return chunked_nll(h, self.head.weight, self.head.bias, targets, chunk, self._head_dtype)
             return torch.cat([
                 F.cross_entropy(self.head(h[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
                 for s in range(0, h.size(0), chunk)
@@ -367,7 +372,7 @@ class RNNLM(nn.Module):
             reg = self._penalty(h, raw, inputs.batch_sizes)
             if not need_logits and not self.adaptive and torch.is_grad_enabled() and targets.device.type == "cpu":
                 nll_sum = linear_cross_entropy_sum(h.float(), self.head.weight, self.head.bias, targets,
-                                                   dtype=getattr(self.head, "_amp_dtype", None))
+                                                   dtype=self._head_dtype)
                 return LMOutput(loss=nll_sum / num_tokens, nll_sum=nll_sum, num_tokens=num_tokens, logits=None,
                                 state=state, reg=reg)
             logits = self._logits(h) if need_logits else None  # (N, V)

@@ -981,3 +981,19 @@ def test_an_unreadable_tokenizer_file_is_one_line(tmp_path, data_cfg, monkeypatc
     monkeypatch.setattr(Path, "read_bytes", deny)
     assert user_error(prepare, data_cfg("data.tokenizer.path=tok.json"), quiet=True) == (
         f"data.tokenizer.path: cannot read {tmp_path / 'tok.json'} (Permission denied)")
+
+
+def test_prepare_builds_without_importing_torch(tmp_path):
+    """``python -m pipeline.prepare`` pays no torch import (0.85 s of a 4.9 s build at x10):
+    ``pipeline`` resolves its torch-backed names on first use and ``pipeline.data`` imports
+    torch only in ``make_loader``. A build in a fresh interpreter must leave torch unloaded."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("train", "valid", "test"):
+        (src / f"{name}.txt").write_text("the cat sat\non the mat\n", encoding="utf-8")
+    code = ("import sys; from pipeline.config import load_data_config; from pipeline.prepare import prepare; "
+            f"cfg = load_data_config({str(REPO_ROOT / 'recipes' / 'tiny.yaml')!r}, "
+            f"['data.source.dir={src}', 'data.output={tmp_path / 'out'}']); "
+            "m = prepare(cfg, quiet=True); print(m['splits']['train']['sequences'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "False"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ class StreamBucketBatcher(IterableDataset):
        reads and the others idle), so for it only ranks are sharded here.
     2. **Bins.** ``bins`` (ascending upper length edges) if given; else quantiles of the
        first ``bin_sample`` lengths of the shard, ``num_bins`` of them.
-    3. **Buffer.** Rows enter their bin, sorted by (length, stream position). When
+    3. **Buffer.** Rows enter their bin, ordered by (length, stream position). When
        ``buffer_size`` rows are held, one batch leaves: a bin is drawn (seeded; chance
        proportional to its rows, among bins holding more than one batch's budget, else
        the fullest), and the batch is the run of the bin's sorted rows from a drawn start,
@@ -52,8 +53,13 @@ class StreamBucketBatcher(IterableDataset):
     5. **End.** When the stream ends, every bin is cut into batches (the last of a bin
        may be short), and those batches come out in a seeded random order.
 
-    Rows are yielded as they came (lists, arrays or dict rows), longest first in a batch
-    (equal lengths: later stream position first).
+    Rows are yielded in the form they came, longest first in a batch (equal lengths: later
+    stream position first; in a stream of mixed forms, other rows before dict rows before
+    lists). A list, or a dict row whose one field is a list, comes back as a new, equal
+    list or dict: while buffered its ids are held flat, end to end with the ids of rows
+    as long, where Python's garbage collector has nothing per row to track (ten thousand
+    held lists would bring on full collections of the whole heap). Any other row (an
+    array, a tuple, a dict with more fields) is held and yielded as is.
     Randomness comes from ``np.random.default_rng([seed, epoch, shard])``; call
     :meth:`set_epoch` before each pass (also passed on to ``source.set_epoch``, which a
     Hugging Face ``IterableDataset`` uses to reshuffle).
@@ -194,7 +200,7 @@ class StreamBucketBatcher(IterableDataset):
         if self._finished is not None and self._finished["epoch"] == self.epoch:
             return self._finished
         num_shards, shard = self._shard()
-        return {"epoch": self.epoch, "num_shards": num_shards, "shard": shard, "consumed": 0, "bins": None,
+        return {"epoch": self.epoch, "num_shards": num_shards, "shard": shard, "consumed": 0, "bins": self.bins,
                 "buffer": [], "rng": None, "upstream": None, "done": False, "config": self._config()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,62 +217,174 @@ class StreamBucketBatcher(IterableDataset):
         self._restore = state
 
 
-_SHIFT = 40  # a buffered row's key: length << _SHIFT | stream position (positions < 2**40)
-_POS = (1 << _SHIFT) - 1
+# A group's fields (its rows are all one length; each part in stream order):
+_LISTS, _NLISTS, _DICTS, _NDICTS, _OBJECTS, _BIN = range(6)
+_CHUNK = 256  # most rows read at once (rows read but not yet held live through collections)
+
+
+def _size(g: list) -> int:
+    """Rows in group ``g``."""
+    return g[_NLISTS] + g[_NDICTS] + len(g[_OBJECTS])
 
 
 class _Pass:
     """One pass of one shard: the buffer, the draws, the stream position.
 
-    A buffered row is an int key, ``length << 40 | position``, in its bin's list, and the
-    row itself in ``rows`` under its position: sorting a bin sorts plain ints (by length,
-    then position), and nothing but the row is kept per row (no tuple per row for the
-    garbage collector to scan while it waits in the buffer).
+    Held rows are grouped by length; a bin is the groups of its lengths (``lengths[bin]``,
+    ascending), so in (length, form, position) order a bin is its groups one after
+    another: a batch is cut by walking a few groups, and no row is ever sorted or
+    compared. A group, ``by_len[length]``, is ``[lists, n_lists, dicts, n_dicts, objects,
+    bin]``, its rows in three parts, each in stream order: the list rows, their token ids
+    laid end to end in one list (``lists``, each row ``length`` long); the one-field
+    ``{key: list}`` rows, the same way (``dicts``); and any other rows as the objects
+    themselves (``objects``: arrays, tuples, dicts with more fields).
+
+    Why flat: a held Python list (and its dict) is a container the garbage collector
+    tracks. Ten thousand of them outlive the young generations, are promoted to the
+    oldest and bring on full collections of the whole heap (~0.13 s each with torch and
+    ``datasets`` loaded); a tuple per row would instead be traversed once at its first
+    collection. A few long group lists hold the same ids with nothing per row to track,
+    and a row's list leaves as one slice of its group's list. Groups stay for the pass
+    once made, and the tail's batches are made as they leave (:meth:`_drain`), for the
+    same reason.
+
+    Rows are read in chunks of at most ``_CHUNK``, never past the row that fills the buffer
+    (a batch's worth at a time once it is full), so a batch leaves at the same row as if
+    they were read one by one; a chunk of one form is held in one flat loop (:meth:`_hold`).
     """
 
     def __init__(self, b: StreamBucketBatcher, num_shards: int, shard: int, state: dict | None) -> None:
         self.b, self.num_shards, self.shard = b, num_shards, shard
         self.rng = np.random.default_rng([b.seed, b.epoch, shard])
         self.consumed = 0  # stream items read (all shards' items, this shard's kept)
-        self.edges: list[int] | None = b.bins
-        self.rows: dict[int, Any] = {}  # position -> row, for every buffered row
-        self.sample: list[int] = []  # keys read before the bins are known
-        self.bins: list[list[int]] = [[] for _ in self.edges or ()]  # per bin: keys (sorted before a cut)
-        self.tokens = [0] * len(self.bins)  # per bin: the sum of its lengths
-        self.longest = [0] * len(self.bins)  # per bin: its longest length
-        self.unsorted: set[int] = set()  # bins appended to since their last sort
+        self.edges: list[int] | None = b.bins  # None: the first rows are read as a sample, to estimate them
+        self.by_len: dict[int, list] = {}  # length -> its group
+        self._new_bins()
         self.held = 0
         self.done = False  # the stream ended; the tail batches are being emitted
-        self.tail: list[list[Any]] = []
+        self.tail: list[list | tuple] = []  # batches (rows, from a loaded state) or planned (bin, lo, hi) runs
         self.upstream = None
         if state is not None:
             self.consumed, self.edges, self.done, self.upstream = state["consumed"], state["bins"], state["done"], state["upstream"]
             if state["rng"] is not None:  # None: saved before the pass began
                 self.rng.bit_generator.state = state["rng"]
-            keys = []
-            for n, pos, row in state["buffer"]:
-                keys.append(n << _SHIFT | pos)
-                self.rows[pos] = row
-            if self.edges is None:
-                self.sample = keys
-            else:
-                self.bins = [[] for _ in range(len(self.edges))]
-                self.tokens, self.longest = [0] * len(self.edges), [0] * len(self.edges)
-                for k in keys:  # a bin's order does not matter: it is sorted before every cut
-                    self._add(k)
-            self.held = len(keys)
+            self._new_bins()
+            for n, _, row in sorted(state["buffer"], key=lambda e: e[1]):  # each part of a group in stream order
+                self._add(n, row)
             self.tail = [list(t) for t in state.get("tail", [])]
 
+    def _new_bins(self) -> None:
+        k = len(self.edges or ())
+        self.lengths: list[list[int]] = [[] for _ in range(k)]  # per bin: its groups' lengths, ascending
+        self.counts = [0] * k  # per bin: its rows
+        self.tokens = [0] * k  # per bin: the sum of its lengths
+        self.longest = [0] * k  # per bin: its longest length
+
+    def _group(self, n: int) -> list:
+        """A new, empty group for length ``n``, in its bin (past the last edge: the last bin;
+        none yet while the sample is read)."""
+        g = self.by_len[n] = [[], 0, [], 0, [], None]
+        if self.edges is not None:
+            self._bin(n, g)
+        return g
+
+    def _bin(self, n: int, g: list) -> int:
+        """Put group ``g`` (length ``n``) in its bin; its rows count there from now."""
+        i = g[_BIN] = min(bisect.bisect_left(self.edges, n), len(self.edges) - 1)
+        bisect.insort(self.lengths[i], n)
+        return i
+
+    def _add(self, n: int, row: Any) -> None:
+        """Hold one row of length ``n``, of any form."""
+        g = self.by_len.get(n) or self._group(n)
+        t = type(row)
+        if t is list:
+            g[_LISTS] += row
+            g[_NLISTS] += 1
+        elif t is dict and len(row) == 1 and type(ids := row.get(self.b.key)) is list:
+            g[_DICTS] += ids
+            g[_NDICTS] += 1
+        else:
+            g[_OBJECTS].append(row)
+        self.held += 1
+        i = g[_BIN]
+        if i is None:  # the sample: binned when the bins are known
+            return
+        self.counts[i] += 1
+        self.tokens[i] += n
+        if n > self.longest[i]:
+            self.longest[i] = n
+
+    def _hold(self, chunk: list[Any], first: int) -> None:
+        """Hold rows read from the stream, the first at stream position ``first``. A chunk of
+        list rows (or of one-field ``{key: list}`` rows) goes through one flat loop, type
+        checks done for the chunk in C (``map``, ``set``); any other chunk row by row."""
+        b, key = self.b, self.b.key
+        kinds, ids = set(map(type, chunk)), None
+        if kinds == {list}:
+            ids, part = chunk, _LISTS
+        elif kinds == {dict} and set(map(len, chunk)) == {1}:
+            try:
+                ids, part = list(map(operator.itemgetter(key), chunk)), _DICTS
+            except KeyError:  # row by row, where the missing field raises
+                ids = None
+            if ids is not None and set(map(type, ids)) != {list}:
+                ids = None
+        lengths = list(map(len, ids)) if ids is not None else [len(r[key]) if isinstance(r, dict) else len(r) for r in chunk]
+        if b.max_tokens is not None and max(lengths) > b.max_tokens:
+            j = next(j for j, n in enumerate(lengths) if n > b.max_tokens)
+            raise ValueError(f"stream item {first + j * self.num_shards} has {lengths[j]} tokens, more than max_tokens={b.max_tokens}")
+        if ids is None or self.edges is None:
+            for n, row in zip(lengths, chunk):
+                self._add(n, row)
+        else:  # as _add, for one part
+            by_len, group, counts, tokens, longest, count = self.by_len, self._group, self.counts, self.tokens, self.longest, part + 1
+            for row, n in zip(ids, lengths):
+                g = by_len.get(n) or group(n)
+                g[part] += row
+                g[count] += 1
+                i = g[_BIN]
+                counts[i] += 1
+                tokens[i] += n
+                if n > longest[i]:
+                    longest[i] = n
+            self.held += len(chunk)
+
+    def _take(self, g: list, n: int, a: int, z: int, remove: bool = True) -> list[Any]:
+        """Rows ``a:z`` of group ``g`` (rows ``n`` long), in its order; removed if ``remove``."""
+        out, start, key = [], 0, self.b.key
+        for part, count in ((_LISTS, _NLISTS), (_DICTS, _NDICTS)):
+            size = g[count]
+            x, y = max(a - start, 0), min(z - start, size)
+            start += size
+            if x >= y:
+                continue
+            flat, offsets = g[part], range(x * n, y * n, n) if n else [0] * (y - x)
+            out += [flat[o : o + n] for o in offsets] if part == _LISTS else [{key: flat[o : o + n]} for o in offsets]
+            if remove:
+                del flat[x * n : y * n]
+                g[count] -= y - x
+        objects = g[_OBJECTS]
+        x, y = max(a - start, 0), min(z - start, len(objects))
+        if x < y:
+            out += objects[x:y]
+            if remove:
+                del objects[x:y]
+        return out
+
     def state(self) -> dict[str, Any]:
-        keys = self.sample if self.edges is None else [k for bin_ in self.bins for k in bin_]
+        if self.done:  # every held row is in a planned tail batch
+            held = []
+        else:
+            held = [(n, row) for n, g in self.by_len.items() for row in self._take(g, n, 0, _size(g), remove=False)]
         upstream = None
         src = self.b.source
         if hasattr(src, "state_dict") and callable(getattr(src, "load_state_dict", None)) and self.num_shards == 1:
             upstream = src.state_dict()
-        buffer = [[k >> _SHIFT, k & _POS, self.rows[k & _POS]] for k in keys]
         return {"epoch": self.b.epoch, "num_shards": self.num_shards, "shard": self.shard, "consumed": self.consumed,
-                "bins": self.edges, "buffer": buffer, "rng": self.rng.bit_generator.state,
-                "upstream": upstream, "done": self.done, "tail": [list(t) for t in self.tail], "config": self.b._config()}
+                "bins": self.edges, "buffer": [[n, j, row] for j, (n, row) in enumerate(held)],
+                "rng": self.rng.bit_generator.state, "upstream": upstream, "done": self.done,
+                "tail": [self._batch(t) for t in self.tail], "config": self.b._config()}
 
     # ---------------------------------------------------------------- the stream
 
@@ -279,25 +397,18 @@ class _Pass:
         it = iter(src() if callable(src) and not hasattr(src, "__iter__") else src)
         return itertools.islice(it, self.consumed, None)  # re-read, not re-emitted
 
-    def _add(self, key: int) -> None:
-        n = key >> _SHIFT
-        i = min(bisect.bisect_left(self.edges, n), len(self.edges) - 1)
-        self.bins[i].append(key)  # sorted when a batch is cut from the bin (see _cut)
-        self.unsorted.add(i)
-        self.tokens[i] += n
-        if n > self.longest[i]:
-            self.longest[i] = n
-        self.held += 1
-
     def _estimate_bins(self) -> None:
-        lengths = np.array([k >> _SHIFT for k in self.sample])
+        """Bins from the sample's lengths; its groups go to them."""
+        lengths = np.repeat(np.array(list(self.by_len), dtype=np.int64), [_size(g) for g in self.by_len.values()])
         qs = np.quantile(lengths, np.linspace(0, 1, self.b.num_bins + 1)[1:], method="higher") if len(lengths) else [1]
         self.edges = sorted({int(q) for q in qs})
-        self.bins = [[] for _ in self.edges]
-        self.tokens, self.longest = [0] * len(self.edges), [0] * len(self.edges)
-        sample, self.sample, self.held = self.sample, [], 0
-        for k in sample:
-            self._add(k)
+        self._new_bins()
+        for n, g in self.by_len.items():
+            i = self._bin(n, g)
+            self.counts[i] += _size(g)
+            self.tokens[i] += _size(g) * n
+            if _size(g) and n > self.longest[i]:
+                self.longest[i] = n
 
     # ---------------------------------------------------------------- batches
 
@@ -308,45 +419,90 @@ class _Pass:
             return True
         return b.max_tokens is not None and (total if b.cost == "unpadded" else n * longest) > b.max_tokens
 
-    def _cut(self, i: int, start: int) -> list[int]:
-        """Remove and return the keys of the run of bin ``i`` from ``start`` (then below it) that fills the budget."""
-        bin_, bs, mt = self.bins[i], self.b.batch_size, self.b.max_tokens
-        if i in self.unsorted:
-            bin_.sort()  # ints: by length, then stream position
-            self.unsorted.discard(i)
-        n = len(bin_)
-        if mt is None:  # rows only: no per-row test
-            hi = min(start + bs, n)
-            lo = max(0, hi - bs)
-            total = sum(k >> _SHIFT for k in bin_[lo:hi])
-        else:
-            padded, rows_cap = self.b.cost == "padded", bs or n
-            hi, total, longest = start, 0, 0
-            while hi < n and hi - start < rows_cap:
-                length = bin_[hi] >> _SHIFT  # ascending: the newest row is the longest
-                if (hi - start + 1) * length > mt if padded else total + length > mt:
+    def _run_of(self, i: int, start: int, below: bool = True) -> tuple[int, int]:
+        """``(lo, hi)``: the run of bin ``i``'s rows, in (length, form, position) order, from
+        index ``start`` up (then, if ``below``, under it) that fills the budget."""
+        lengths, bs, mt = self.lengths[i], self.b.batch_size, self.b.max_tokens
+        if mt is None:  # rows only
+            hi = min(start + bs, self.counts[i])
+            return (max(0, hi - bs) if below else start), hi
+        # A group's rows are all as long, so the budget takes k of a group's rows at once.
+        padded, cap = self.b.cost == "padded", bs or self.counts[i]
+
+        def room(r: int, total: int, n: int, top: int) -> int:
+            """Rows of length ``n`` that still fit ``r`` rows of ``total`` tokens, ``top`` the longest after."""
+            if padded:
+                return mt // top - r if top else cap
+            return (mt - total) // n if n else cap  # an empty row costs nothing
+
+        sizes = [_size(self.by_len[n]) for n in lengths]  # some may be 0: a group stays when it empties
+        j, o = 0, start  # start is row o of group j
+        while o >= sizes[j]:
+            o -= sizes[j]
+            j += 1
+        hi, total, longest, jj, avail = start, 0, 0, j, sizes[j] - o
+        while True:  # up: longer rows
+            n = lengths[jj]
+            k = min(avail, cap - (hi - start), room(hi - start, total, n, n))
+            if k > 0:
+                hi, total, longest = hi + k, total + k * n, n
+            jj += 1
+            if k < avail or jj == len(lengths):
+                break
+            avail = sizes[jj]
+        lo, jj, avail = start, j, o
+        while below:  # down: shorter rows; the longest stays
+            if avail:
+                n = lengths[jj]
+                k = min(avail, cap - (hi - lo), room(hi - lo, total, n, longest))
+                if k > 0:
+                    lo, total = lo - k, total + k * n
+                if k < avail:
                     break
-                total, longest = total + length, length
-                hi += 1
-            lo = start
-            while lo > 0 and hi - lo < rows_cap:  # shorter rows: the longest stays
-                length = bin_[lo - 1] >> _SHIFT
-                if (hi - lo + 1) * longest > mt if padded else total + length > mt:
-                    break
-                total += length
-                lo -= 1
-        keys = bin_[lo:hi]
-        del bin_[lo:hi]
-        self.held -= len(keys)
-        self.tokens[i] -= total
-        self.longest[i] = bin_[-1] >> _SHIFT if bin_ else 0
-        return keys
+            if jj == 0:
+                break
+            jj -= 1
+            avail = sizes[jj]
+        return lo, hi
+
+    def _rows_in(self, i: int, lo: int, hi: int, remove: bool) -> list[Any]:
+        """Bin ``i``'s rows ``lo:hi`` in (length, form, position) order; removed if ``remove``."""
+        by_len, lengths, out, first, total = self.by_len, self.lengths[i], [], 0, 0  # first: a group's first row
+        for n in lengths:
+            g = by_len[n]
+            size = _size(g)
+            a, z = max(lo - first, 0), min(hi - first, size)
+            first += size
+            if a < z:
+                out += self._take(g, n, a, z, remove)
+                total += (z - a) * n
+            elif first >= hi:
+                break
+        if remove:
+            self.held -= hi - lo
+            self.counts[i] -= hi - lo
+            self.tokens[i] -= total
+            if not _size(by_len[self.longest[i]]):  # the longest group emptied: the next longest held
+                self.longest[i] = next((n for n in reversed(lengths) if _size(by_len[n])), 0)
+        return out
+
+    def _cut(self, i: int, start: int) -> list[Any]:
+        """Remove and return a batch from bin ``i``: the run from ``start``, longest first."""
+        lo, hi = self._run_of(i, start)
+        return self._rows_in(i, lo, hi, remove=True)[::-1]
+
+    def _batch(self, t: list | tuple) -> list[Any]:
+        """A tail batch: rows (from a loaded state) or a planned ``(bin, lo, hi)``."""
+        return list(t) if isinstance(t, list) else self._rows_in(*t, remove=False)[::-1]
 
     def _emit(self) -> list[Any]:
         """One batch from the buffer (step 3 of the class docstring). Plain Python over the
         bins' counters: it runs once per batch, and numpy's per-call cost would dominate."""
-        counts = [len(bin_) for bin_ in self.bins]
-        full = [c if c and self._over(c, t, m) else 0 for c, t, m in zip(counts, self.tokens, self.longest)]
+        counts, bs = self.counts, self.b.batch_size
+        if self.b.max_tokens is None:
+            full = [c if c > bs else 0 for c in counts]
+        else:
+            full = [c if c and self._over(c, t, m) else 0 for c, t, m in zip(counts, self.tokens, self.longest)]
         if not any(full):  # no bin holds a whole batch: the fullest
             top = max(counts)
             full = [c if c == top else 0 for c in counts]
@@ -357,72 +513,58 @@ class _Pass:
             start = int(v * counts[i])
         else:
             i, start = full.index(max(full)), 0
-        return self._rows(self._cut(i, start))
-
-    def _rows(self, keys: list[int]) -> list[Any]:
-        pop = self.rows.pop
-        return [pop(k & _POS) for k in reversed(keys)]  # a run of an ascending bin: longest first
+        return self._cut(i, start)
 
     def _drain(self) -> None:
-        """Cut every bin into batches and order them (step 5)."""
+        """Cut every bin into batches and order them (step 5). The batches are planned, as
+        ``(bin, lo, hi)`` runs of the bins as they stand, and their rows made only as each
+        leaves: a tail of ``buffer_size`` rows made at once would live through collections
+        and be promoted to the oldest generation, as held rows would."""
         if self.edges is None:
             self._estimate_bins()
-        batches = []
-        for i, bin_ in enumerate(self.bins):
-            while bin_:
-                batches.append(self._rows(self._cut(i, 0)))
-        order = self.rng.permutation(len(batches)) if self.b.shuffle else range(len(batches))
-        self.tail = [batches[i] for i in order]
+        plan = []
+        for i in range(len(self.lengths)):
+            start = 0
+            while start < self.counts[i]:  # cutting from the bin's start each time: runs end to end
+                _, hi = self._run_of(i, start, below=False)
+                plan.append((i, start, hi))
+                start = hi
+        order = self.rng.permutation(len(plan)) if self.b.shuffle else range(len(plan))
+        self.tail = [plan[i] for i in order]
 
     def run(self) -> Iterator[list[Any]]:
-        """The pass's batches. The per-row loop is written flat (locals, no call per row):
-        it is the batcher's whole cost per stream item."""
-        b = self.b
+        """The pass's batches. Rows are read as many at a time as the buffer has room for
+        (the sample's, before the bins are known), so a batch leaves at the same row as if
+        they were read one by one."""
+        b, size, shards = self.b, self.b.buffer_size, self.num_shards
         if not self.done:
-            key, cap, size, num_shards, shard = b.key, b.max_tokens or float("inf"), b.buffer_size, self.num_shards, self.shard
-            rows, unsorted, bisect_left = self.rows, self.unsorted, bisect.bisect_left
             while self.edges is not None and self.held >= size:  # a resumed pass stopped between these batches
                 yield self._emit()
-            pos, held = self.consumed - 1, self.held
-            edges, bins, tokens, longest = self.edges, self.bins, self.tokens, self.longest
-            last = len(edges or ()) - 1
-            for pos, row in enumerate(self._items(), self.consumed):  # self.consumed is kept up to date at each yield
-                if num_shards > 1 and pos % num_shards != shard:
+            skip = (self.shard - self.consumed) % shards
+            position = self.consumed + skip  # of this shard's next row
+            rows = itertools.islice(self._items(), skip, None, shards)  # this shard's rows
+            while True:
+                goal = b.bin_sample if self.edges is None else size  # rows held before the next step
+                need = min(goal - self.held, _CHUNK)
+                chunk = list(itertools.islice(rows, need))
+                read = len(chunk)
+                if read:
+                    self._hold(chunk, position)
+                    position += read * shards
+                    self.consumed = position - shards + 1  # past the last row read
+                del chunk  # held flat now: the rows themselves are not kept
+                if read < need:
+                    break
+                if self.held < goal:
                     continue
-                n = len(row[key]) if isinstance(row, dict) else len(row)
-                if n > cap:
-                    raise ValueError(f"stream item {pos} has {n} tokens, more than max_tokens={b.max_tokens}")
-                rows[pos] = row
-                held += 1
-                if edges is None:
-                    self.sample.append(n << _SHIFT | pos)
-                    if len(self.sample) < b.bin_sample:
-                        continue
-                    self.held = held
+                if self.edges is None:
                     self._estimate_bins()
-                    edges, bins, tokens, longest = self.edges, self.bins, self.tokens, self.longest
-                    last = len(edges) - 1
-                else:
-                    i = bisect_left(edges, n)  # as self._add
-                    if i > last:
-                        i = last
-                    bins[i].append(n << _SHIFT | pos)
-                    unsorted.add(i)
-                    tokens[i] += n
-                    if n > longest[i]:
-                        longest[i] = n
-                if held >= size:
-                    self.held = held
-                    while self.held >= size:
-                        self.consumed = pos + 1
-                        yield self._emit()
-                    held = self.held
-            self.held = held
-            self.consumed = pos + 1
+                while self.held >= size:
+                    yield self._emit()
             self.done = True
             self._drain()
         while self.tail:
-            yield self.tail.pop(0)
+            yield self._batch(self.tail.pop(0))
 
 
 def until_first_rank_ends(batches: Iterable[Any], group=None) -> Iterator[Any]:

@@ -3,6 +3,7 @@ bounded buffer, seeded draws, exact mid-stream resume, Hugging Face streaming da
 and encoded streamed splits equal to what pipeline.prepare writes."""
 from __future__ import annotations
 
+import gc
 import io
 import random
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_buffer_is_bounded():
     for _ in b:
         p = b._live
         if not p.done:
-            most = max(most, p.held + len(p.sample))
+            most = max(most, p.held)
     # a batch (<= 8 rows) leaves as soon as buffer_size rows are held: seen between batches, 92..99 remain
     assert 92 <= most <= 99
 
@@ -143,6 +144,89 @@ def test_resume_with_other_options_refused():
     a = StreamBucketBatcher([[1]], batch_size=8)
     with pytest.raises(ValueError, match="batch_size: saved 8, now 4"):
         StreamBucketBatcher([[1]], batch_size=4).load_state_dict(a.state_dict())
+
+
+def test_state_before_the_first_batch_keeps_given_bins():
+    rows = make_rows()
+    make = lambda: StreamBucketBatcher(rows, batch_size=8, bins=[5, 30], buffer_size=100, bin_sample=7, seed=4)  # noqa: E731
+    first = make()
+    iter(first)  # a pass made, no batch drawn yet
+    second = make()
+    second.load_state_dict(_roundtrip(first.state_dict()))
+    assert list(second) == list(make())  # the given bins, not bins estimated from 7 rows
+
+
+def test_rows_come_back_in_their_form():
+    """Lists and one-field dict rows are held flat and come back equal; other rows are the same objects."""
+    rng = random.Random(2)
+    rows = []
+    for i in range(600):
+        ids = list(range(i * 1000, i * 1000 + rng.randint(0, 12)))  # empty rows too
+        rows.append([ids, {"input_ids": ids}, tuple(ids), np.array(ids, dtype=np.int64), {"input_ids": ids, "i": i}][i % 5])
+    ids_of = lambda r: r["input_ids"] if isinstance(r, dict) else r  # noqa: E731
+    for kw in ({"batch_size": 7}, {"max_tokens": 40}, {"max_tokens": 40, "cost": "padded"}):
+        out = [r for batch in StreamBucketBatcher(rows, buffer_size=50, bin_sample=20, **kw) for r in batch]
+        assert len(out) == len(rows)
+        for r in out:
+            if not len(ids_of(r)):  # an empty row names no row: counted below
+                continue
+            src = rows[int(ids_of(r)[0]) // 1000]
+            assert type(r) is type(src)
+            if isinstance(src, (np.ndarray, tuple)) or (isinstance(src, dict) and len(src) == 2):
+                assert r is src
+            else:
+                assert r == src and r is not src
+        kinds = lambda rs: sorted(type(r).__name__ + str(len(r) if isinstance(r, dict) else "") for r in rs if not len(ids_of(r)))  # noqa: E731
+        assert kinds(out) == kinds(rows)
+
+
+def test_held_rows_are_nothing_for_the_garbage_collector_to_track():
+    """5,000 buffered dict rows add a few group lists to the tracked objects, not a dict and a list each."""
+    def rows():  # fresh rows, held by nobody but the batcher
+        rng = random.Random(3)
+        for i in range(5000):
+            yield {"input_ids": [i] * rng.randint(1, 60)}
+
+    list(StreamBucketBatcher(rows, batch_size=8, buffer_size=100, bin_sample=100))  # first uses (imports, caches) done
+    b = StreamBucketBatcher(rows, batch_size=8, buffer_size=10_000, bin_sample=100)
+    gc.collect()
+    before = len(gc.get_objects())
+    it = iter(b)
+    first = next(it)  # the stream has ended: all 5,000 rows held, the tail's batches planned, not made
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert b._live.done and 5000 - len(first) == sum(hi - lo for _, lo, hi in b._live.tail)
+    assert grown < 400, grown  # ~60 lengths x (group, its flat lists); a dict and a list per row would be 10,000
+    assert sorted(r["input_ids"][0] for batch in [first, *it] for r in batch) == list(range(5000))
+
+
+@pytest.mark.parametrize("cost", ["unpadded", "padded"])
+def test_a_batch_is_the_budgeted_run_of_the_sorted_bin(cost):
+    """The cut walks groups of equal length, k rows at a time; it must give what a row-by-row
+    walk of the bin sorted by length gives: up from the start while the budget holds, then down."""
+    from pipeline.streaming import _Pass
+
+    def walk(lengths, start, bs, mt, below):  # the definition, row by row
+        cap, hi, total, longest = bs or len(lengths), start, 0, 0
+        cost_of = (lambda rows, total, top: rows * top) if cost == "padded" else (lambda rows, total, top: total)
+        while hi < len(lengths) and hi - start < cap and cost_of(hi - start + 1, total + lengths[hi], lengths[hi]) <= mt:
+            total, longest, hi = total + lengths[hi], lengths[hi], hi + 1
+        lo = start
+        while below and lo > 0 and hi - lo < cap and cost_of(hi - lo + 1, total + lengths[lo - 1], longest) <= mt:
+            total, lo = total + lengths[lo - 1], lo - 1
+        return lo, hi
+
+    rng = random.Random(4)
+    for _ in range(200):
+        lengths = [rng.choice([0, rng.randint(1, 40)]) if rng.random() < 0.1 else rng.randint(1, 40) for _ in range(rng.randint(1, 70))]
+        bs, mt = rng.choice([None, 1, 4, 64]), rng.choice([40, 97, 1000])
+        b = StreamBucketBatcher([], batch_size=bs, max_tokens=mt, cost=cost, bins=[40])
+        p = _Pass(b, 1, 0, None)
+        for n in lengths:
+            p._add(n, [0] * n)
+        for start in range(len(lengths)):
+            for below in (True, False):
+                assert p._run_of(0, start, below) == walk(sorted(lengths), start, bs, mt, below), (lengths, bs, mt, start, below)
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ the text file (``datasets.load_dataset("text", streaming=True)``, encoded on the
 1. Padding efficiency (real tokens / rows x longest) against the bounds a user could reach
    with every length known: global sort, ``BucketBatchSampler``, random batches.
 2. Overhead: time to read + encode the stream and consume its rows, with and without the
-   batcher, interleaved rounds on the same process (best of ``--rounds``).
+   batcher, interleaved rounds on the same process (the mean of ``--rounds``: a pass's cost,
+   the garbage collector's included; the best of them is printed too).
 3. Memory: peak RSS of a fresh child consuming ``--repeat 1`` and ``--repeat N`` passes
    of the stream through the batcher (the file re-streamed N times by a generator).
 
@@ -90,9 +91,8 @@ def main() -> None:
 
     print(f"cpus {os.cpu_count()}, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     train, _ = open_train(args.data)
-    rows = [r["input_ids"] for r in train]
-    lengths = np.array([len(r) for r in rows])
-    print(f"WikiText-2 train: {len(rows):,} lines, {int(lengths.sum()):,} tokens (with <bos>/<eos>)\n")
+    lengths = np.array([len(r["input_ids"]) for r in train])  # lengths only: held rows would slow every full collection
+    print(f"WikiText-2 train: {len(lengths):,} lines, {int(lengths.sum()):,} tokens (with <bos>/<eos>)\n")
 
     # 1. padding efficiency, batches of 32
     rng = np.random.default_rng(0)
@@ -110,37 +110,54 @@ def main() -> None:
     print("padding efficiency, batch_size=32")
     for name, eff in table:
         print(f"  {name:55s} {eff:.4f}")
+    # the draws vary with the seed: the same buffer over seeds 0-7 (the rows of a list give the stream's batches)
+    rows = [np.zeros(n, np.int8) for n in lengths]
+    seeds = [efficiency([[len(r) for r in batch] for batch in StreamBucketBatcher(rows, batch_size=32, buffer_size=args.buffer_size, seed=s)])
+             for s in range(8)]
+    del rows
+    print(f"  StreamBucketBatcher, buffer {args.buffer_size:,}, seeds 0-7: mean {np.mean(seeds):.4f}, "
+          f"min {min(seeds):.4f}, max {max(seeds):.4f}")
 
-    # 2. overhead: the stream alone vs through the batcher, interleaved
+    # 2. overhead: the stream alone vs through the batcher, interleaved rounds. The mean is what
+    # a pass costs: a full collection of the heap (~0.13 s with torch and datasets loaded) falls
+    # in some rounds and not others, and a best-of-N would leave out whichever arm brings on more.
+    full = [0]
+    gc.callbacks.append(lambda phase, info: full.__setitem__(0, full[0] + (phase == "start" and info["generation"] == 2)))
+
     def plain() -> int:
         return sum(len(r["input_ids"]) for r in train)
 
     def batched() -> int:
         return sum(len(r["input_ids"]) for batch in StreamBucketBatcher(train, batch_size=32, buffer_size=args.buffer_size) for r in batch)
 
-    times: dict[str, list[float]] = {"plain": [], "batched": [], "plain, gc off": [], "batched, gc off": []}
+    arms = [("plain", plain), ("batched", batched)]
+    if args.gc_split:  # the same two with Python's garbage collector off: what the collector costs
+        arms += [("plain, gc off", plain), ("batched, gc off", batched)]
+    times: dict[str, list[float]] = {name: [] for name, _ in arms}
+    collections = dict.fromkeys(times, 0)
     for _ in range(args.rounds):
-        for name, fn in (("plain", plain), ("batched", batched)):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        if args.gc_split:  # the same two with Python's garbage collector off: what the collector costs
-            gc.disable()
+        for name, fn in arms:
+            if name.endswith("gc off"):
+                gc.disable()
+            f0, t0 = full[0], time.perf_counter()
             try:
-                for name, fn in (("plain, gc off", plain), ("batched, gc off", batched)):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
+                fn()
             finally:
                 gc.enable()
-    a, b = min(times["plain"]), min(times["batched"])
-    print(f"\nread + encode the stream: {a:.2f} s (best of {args.rounds}); with the batcher: {b:.2f} s; "
-          f"overhead {100 * (b / a - 1):+.1f}% (rounds: {', '.join(f'{x:.2f}' for x in times['plain'])} | "
-          f"{', '.join(f'{x:.2f}' for x in times['batched'])})")
+            times[name].append(time.perf_counter() - t0)
+            collections[name] += full[0] - f0
+    mean = {k: sum(v) / len(v) for k, v in times.items()}
+    a, b = mean["plain"], mean["batched"]
+    print(f"\nread + encode the stream: {a:.3f} s a pass (mean of {args.rounds} interleaved rounds); through the batcher: "
+          f"{b:.3f} s; overhead {100 * (b / a - 1):+.1f}%")
+    print(f"  best of {args.rounds}: {min(times['plain']):.3f} s and {min(times['batched']):.3f} s "
+          f"({100 * (min(times['batched']) / min(times['plain']) - 1):+.1f}%); full collections of the heap: "
+          f"{collections['plain']} and {collections['batched']}")
+    print(f"  rounds: {', '.join(f'{x:.2f}' for x in times['plain'])} | {', '.join(f'{x:.2f}' for x in times['batched'])}")
     if args.gc_split:
-        c, d = min(times["plain, gc off"]), min(times["batched, gc off"])
+        c, d = mean["plain, gc off"], mean["batched, gc off"]
         print(f"with gc.disable(): plain {c:.3f} s, batched {d:.3f} s: the batcher's own work {d - c:.3f} s "
-              f"({1e6 * (d - c) / len(rows):.1f} us per row), the collector's extra {(b - a) - (d - c):.3f} s")
+              f"({1e6 * (d - c) / len(lengths):.1f} us per row), the collector's extra {(b - a) - (d - c):.3f} s")
 
     # 3. memory, fresh children
     print("\npeak RSS through the batcher (fresh process each):")

@@ -330,7 +330,14 @@ class _Pass:
                 ids = None
             if ids is not None and set(map(type, ids)) != {list}:
                 ids = None
-        lengths = list(map(len, ids)) if ids is not None else [len(r[key]) if isinstance(r, dict) else len(r) for r in chunk]
+        if ids is not None:
+            lengths = list(map(len, ids))
+        else:
+            missing = next((j for j, r in enumerate(chunk) if isinstance(r, dict) and key not in r), None)
+            if missing is not None:
+                raise KeyError(f"stream item {first + missing * self.num_shards} has no field {key!r} "
+                               f"(its fields: {', '.join(map(str, chunk[missing]))}); pass key=")
+            lengths = [len(r[key]) if isinstance(r, dict) else len(r) for r in chunk]
         if b.max_tokens is not None and max(lengths) > b.max_tokens:
             j = next(j for j, n in enumerate(lengths) if n > b.max_tokens)
             raise ValueError(f"stream item {first + j * self.num_shards} has {lengths[j]} tokens, more than max_tokens={b.max_tokens}")
@@ -533,9 +540,9 @@ class _Pass:
         self.tail = [plan[i] for i in order]
 
     def run(self) -> Iterator[list[Any]]:
-        """The pass's batches. Rows are read as many at a time as the buffer has room for
-        (the sample's, before the bins are known), so a batch leaves at the same row as if
-        they were read one by one."""
+        """The pass's batches. Rows are read up to ``_CHUNK`` at a time, never past the row
+        that fills the buffer (or the sample, before the bins are known), so a batch leaves
+        at the same row as if they were read one by one."""
         b, size, shards = self.b, self.b.buffer_size, self.num_shards
         if not self.done:
             while self.edges is not None and self.held >= size:  # a resumed pass stopped between these batches

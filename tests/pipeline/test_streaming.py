@@ -56,6 +56,8 @@ def test_padded_cost_and_batch_size_only():
 def test_too_long_row_and_bad_options_raise():
     with pytest.raises(ValueError, match="stream item 1 has 9 tokens"):
         list(StreamBucketBatcher([[1], [1] * 9], max_tokens=8))
+    with pytest.raises(KeyError, match="stream item 1 has no field 'input_ids' .its fields: ids."):
+        list(StreamBucketBatcher([{"input_ids": [1]}, {"ids": [1, 2]}], batch_size=2))
     with pytest.raises(ValueError, match="batch_size, max_tokens"):
         StreamBucketBatcher([[1]])
     with pytest.raises(ValueError, match="ascending"):

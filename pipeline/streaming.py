@@ -64,7 +64,8 @@ class StreamBucketBatcher(IterableDataset):
     :meth:`set_epoch` before each pass (also passed on to ``source.set_epoch``, which a
     Hugging Face ``IterableDataset`` uses to reshuffle).
 
-    Memory: the buffer (``buffer_size`` rows), nothing per stream item.
+    Memory: the buffer (``buffer_size`` rows, list rows' ids held in one list per length),
+    nothing per stream item.
 
     Distributed training: ranks get different numbers of batches (their shards differ),
     and the batcher itself never communicates. So that the uneven end of an epoch does

@@ -134,7 +134,7 @@ def main() -> None:
     if args.gc_split:  # the same two with Python's garbage collector off: what the collector costs
         arms += [("plain, gc off", plain), ("batched, gc off", batched)]
     times: dict[str, list[float]] = {name: [] for name, _ in arms}
-    collections = dict.fromkeys(times, 0)
+    full_gcs = dict.fromkeys(times, 0)
     for _ in range(args.rounds):
         for name, fn in arms:
             if name.endswith("gc off"):
@@ -145,14 +145,14 @@ def main() -> None:
             finally:
                 gc.enable()
             times[name].append(time.perf_counter() - t0)
-            collections[name] += full[0] - f0
+            full_gcs[name] += full[0] - f0
     mean = {k: sum(v) / len(v) for k, v in times.items()}
     a, b = mean["plain"], mean["batched"]
     print(f"\nread + encode the stream: {a:.3f} s a pass (mean of {args.rounds} interleaved rounds); through the batcher: "
           f"{b:.3f} s; overhead {100 * (b / a - 1):+.1f}%")
     print(f"  best of {args.rounds}: {min(times['plain']):.3f} s and {min(times['batched']):.3f} s "
           f"({100 * (min(times['batched']) / min(times['plain']) - 1):+.1f}%); full collections of the heap: "
-          f"{collections['plain']} and {collections['batched']}")
+          f"{full_gcs['plain']} and {full_gcs['batched']}")
     print(f"  rounds: {', '.join(f'{x:.2f}' for x in times['plain'])} | {', '.join(f'{x:.2f}' for x in times['batched'])}")
     if args.gc_split:
         c, d = mean["plain, gc off"], mean["batched, gc off"]

@@ -143,8 +143,7 @@ def chunked_nll(h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk:
     """
     n, V = h.size(0), weight.size(0)
     low = dtype not in (None, torch.float32)
-    if low:
-        wq, bq = weight.to(dtype), bias.to(dtype)
+    wq, bq = (weight.to(dtype), bias.to(dtype)) if low else (weight.float(), bias.float())  # once, not per chunk
     out = h.new_empty(n, dtype=torch.float32)
     for s in range(0, n, chunk):
         hc, tc = h[s : s + chunk], targets[s : s + chunk]
@@ -152,7 +151,7 @@ def chunked_nll(h: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk:
         if low:
             logp.copy_(torch.addmm(bq, hc.to(dtype), wq.t(), out=block(tc.numel(), V, dtype, h.device)))
         else:
-            torch.addmm(bias.float(), hc.float(), weight.float().t(), out=logp)
+            torch.addmm(bq, hc.float(), wq.t(), out=logp)
         torch.ops.aten._log_softmax.out(logp, 1, False, out=logp)
         torch.neg(logp.gather(1, tc[:, None]).squeeze(1), out=out[s : s + chunk])
     return out

@@ -27,6 +27,38 @@ from pipeline.errors import UserError
 _STEP = re.compile(r"^step-(\d+)\.pt$")
 
 
+class Key:
+    """The keys of a checkpoint dict, one name per thing stored.
+
+    Every checkpoint (``best.pt`` and ``step-*.pt``) holds what rebuilds and describes the
+    model: ``RECIPE``, ``MODEL``, ``TOKENIZER``, ``SPECIAL_IDS``, ``VOCAB_SIZE``,
+    ``DATA_FINGERPRINT`` and the owning run's ``RUN_ID`` (lm/rundir.py). ``best.pt`` adds
+    the ``STEP`` and ``VAL_LOSS`` it was chosen at; a step checkpoint adds what resumes the
+    run (lm/resume.py): the rest.
+    """
+
+    RECIPE = "recipe"  # the run's recipe, a plain dict
+    MODEL = "model"  # the model's state_dict
+    TOKENIZER = "tokenizer"  # the tokenizer's JSON text
+    SPECIAL_IDS = "special_ids"  # {"pad": 0, "bos": ..., "eos": ..., "unk": ...}
+    VOCAB_SIZE = "vocab_size"
+    DATA_FINGERPRINT = "data_fingerprint"  # the prepared data's (or the streamed source's) fingerprint
+    RUN_ID = "run_id"
+    STEP = "step"  # best.pt: the step its weights are from
+    VAL_LOSS = "val_loss"  # best.pt: their validation loss (NLL per predicted token)
+    OPTIMIZER = "optimizer"
+    SCHEDULE = "schedule"  # the learning-rate schedule's state
+    DATA = "data"  # the batch source's position (a list, one per rank, for a streamed source)
+    OLD_DATA = "sampler"  # DATA's name in checkpoints written before it covered stream windows
+    PROGRESS = "progress"  # lm.progress.Progress as a dict
+    RNG = "rng"  # every rank's random-number streams
+    KIND = "kind"  # why it was written: "periodic", "epoch", "signal", "max_steps", ...
+    CARRY = "carry"  # stream mode: every rank's carried recurrent state
+    WORLD = "world"  # processes that wrote it
+    AVERAGE = "average"  # NT-ASGD's running average of the weights
+    TF_RATIO = "tf_ratio"  # the teacher-forcing ratio at this step (for the reader)
+
+
 def save(obj: dict, path: Path) -> None:
     """Write ``obj`` to ``path`` with its checksum, atomically as the loader sees it.
 
@@ -122,7 +154,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
                         "plain data, and unpickling those could run code") from None
     except Exception:  # a damaged archive
         raise UserError(f"{path} is not a readable checkpoint (truncated or damaged)") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "recipe" not in ckpt:
+    if not isinstance(ckpt, dict) or Key.MODEL not in ckpt or Key.RECIPE not in ckpt:
         raise UserError(f"{path} is not an lm.train checkpoint")
     return ckpt
 

@@ -13,6 +13,9 @@ line and one JSON object (stdout; ``--output FILE`` writes them all as a JSON li
 summed NLL (nats), predicted tokens, perplexity, and bits per character and per byte of
 the original text (``NLL / ln 2`` over its characters or UTF-8 bytes), so word, subword
 and character models compare on one scale.
+
+:func:`evaluate` is the one evaluation of the toolkit: ``lm.train`` validates and tests
+with it too.
 """
 from __future__ import annotations
 
@@ -21,14 +24,61 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
+import contextlib
 
+import numpy as np
+import torch
+
+from lm import state as st
+from lm.batches import BatchSource, batch_source
+from lm.checkpoint import Key
 from lm.config import TrainConfig
 from lm.device import resolve_device
-from lm.runtime import tune_allocator
-from lm.train import Dist, _data, _ppl, evaluate
+from lm.distributed import Dist
+from lm.model import RNNLM
+from lm.precision import Precision
+from lm.runtime import release_free_memory, tune_allocator
 from pipeline.data import TokenDataset, read_manifest
 from pipeline.errors import ArgumentParser, UserError, cli
+
+
+@torch.no_grad()
+def evaluate(model: RNNLM, source: BatchSource, device: torch.device, d: Dist,
+             policy: Precision | None = None) -> tuple[float, int]:
+    """Summed NLL and predicted tokens over a whole split, across all ranks.
+
+    With ``source.carries_state`` (stream mode) each window starts from the previous
+    window's final state, as the published protocol does; otherwise every sequence starts
+    from a zero state. The NLL is summed on the device: one host sync per split, not per batch.
+
+    Returns:
+        ``(nll_sum, tokens)``; perplexity is ``exp(nll_sum / tokens)`` (:func:`perplexity`).
+    """
+    was = model.training
+    model.eval()
+    release_free_memory()  # training's blocks differ in size from evaluation's: hand them back first
+    carry = source.carries_state
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    state = None
+    for batch, _ in source:
+        batch = batch.to(device, non_blocking=True)
+        if state is not None and st.hidden(state).size(1) > len(batch.lengths):
+            state = st.narrow(state, len(batch.lengths))  # exhausted streams drop off the end
+        with policy.autocast() if policy is not None else contextlib.nullcontext():
+            out = model(batch, state, need_state=carry, need_logits=False)
+        state = out.state if carry else None
+        nll += out.nll_sum.double()
+        tokens += out.num_tokens
+    model.train(was)
+    release_free_memory()  # and evaluation's before training goes on
+    nll, tokens = d.all_sum(float(nll), tokens)
+    return nll, int(tokens)
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """``exp(nll / tokens)``, capped where ``exp`` would overflow (a diverged model)."""
+    return math.exp(min(nll / max(tokens, 1), 700.0))
 
 
 def _text_of(path: Path) -> str:
@@ -59,7 +109,7 @@ def encode_text(text: str, tokenizer_json: str, special_ids: dict, mode: str) ->
 
 def _scores(nll: float, tokens: int, text: str | None, nbytes: int | None) -> dict:
     bits = nll / math.log(2)
-    return {"nll": nll, "tokens": tokens, "ppl": _ppl(nll, tokens), "loss": nll / tokens,
+    return {"nll": nll, "tokens": tokens, "ppl": perplexity(nll, tokens), "loss": nll / tokens,
             "bits_per_char": bits / len(text) if text else None,
             "bits_per_byte": bits / nbytes if nbytes else None}
 
@@ -85,7 +135,7 @@ def main(argv: list[str]) -> int:
     from lm.generate import load_model
 
     model, ckpt = load_model(args.checkpoint, device)
-    recipe = ckpt["recipe"]
+    recipe = ckpt[Key.RECIPE]
     saved = recipe["train"]
     mode = args.mode or saved.get("mode", "sequence")
     try:
@@ -102,7 +152,7 @@ def main(argv: list[str]) -> int:
     if args.split or not args.file:
         folder = args.data or Path(recipe["data"]["output"])
         manifest = read_manifest(folder)
-        if (folder / "tokenizer.json").read_text(encoding="utf-8") != ckpt["tokenizer"]:
+        if (folder / "tokenizer.json").read_text(encoding="utf-8") != ckpt[Key.TOKENIZER]:
             raise UserError(f"{folder} was prepared with another tokenizer than {args.checkpoint}; "
                             f"point --data at the folder it was trained on, or score text with --file")
         splits = args.split or [s for s in ("validation", "test") if s in manifest["splits"]]
@@ -111,13 +161,12 @@ def main(argv: list[str]) -> int:
             jobs.append((split, TokenDataset(folder, split), text, nbytes))
     for path in args.file:
         text = _text_of(path)
-        ds = encode_text(text, ckpt["tokenizer"], ckpt["special_ids"], recipe["data"].get("mode", "line"))
+        ds = encode_text(text, ckpt[Key.TOKENIZER], ckpt[Key.SPECIAL_IDS], recipe["data"].get("mode", "line"))
         jobs.append((str(path), ds, text, path.stat().st_size))
 
     results = []
     for name, ds, text, nbytes in jobs:
-        data = _data(ds, cfg, Dist(), train=False, pin=False)
-        nll, tokens = evaluate(model, data, device, Dist())
+        nll, tokens = evaluate(model, batch_source(ds, cfg, Dist(), train=False, pin=False), device, Dist())
         res = {"checkpoint": str(args.checkpoint), "text": name, "mode": mode,
                **({"streams": cfg.eval_batch_size, "bptt": cfg.bptt} if mode == "stream" else {}),
                **_scores(nll, tokens, text, nbytes)}

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 
 from lm import checkpoint
+from lm.checkpoint import Key
 from lm.config import ModelConfig
 from lm.decode import generate
 from lm.device import resolve_device
@@ -87,9 +88,9 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[RNNLM, di
     """Rebuild the model of a checkpoint (``best.pt`` or ``step-*.pt``) with its weights."""
     ckpt = checkpoint.load(path, map_location=device)
     try:
-        cfg = ModelConfig(**ckpt["recipe"]["model"])
-        model = build_model(cfg, ckpt["vocab_size"])
-        model.load_state_dict(ckpt["model"])
+        cfg = ModelConfig(**ckpt[Key.RECIPE]["model"])
+        model = build_model(cfg, ckpt[Key.VOCAB_SIZE])
+        model.load_state_dict(ckpt[Key.MODEL])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: cannot rebuild its model ({checkpoint.mismatch(e)})") from None
     return model.to(device).eval(), ckpt
@@ -99,7 +100,7 @@ def _tokenizer(path: str, ckpt: dict):
     """The checkpoint's tokenizer and special ids, or a one-line reason it has none."""
     from tokenizers import Tokenizer
 
-    text, ids = ckpt.get("tokenizer"), ckpt.get("special_ids")
+    text, ids = ckpt.get(Key.TOKENIZER), ckpt.get(Key.SPECIAL_IDS)
     if not isinstance(text, str) or not isinstance(ids, dict) or not {"bos", "eos"} <= ids.keys():
         raise UserError(f"{path} holds no tokenizer (a checkpoint written by lm.train carries one); "
                         "it cannot turn text into ids")
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> int:
     tok, ids = _tokenizer(args.checkpoint, ckpt)
     banned = _banned(args.ban, tok, ids, args.no_unk, model.embed.num_embeddings)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    texts = complete(model, ckpt["tokenizer"], ids, args.prompt, max_new_tokens=args.max_new_tokens,
+    texts = complete(model, ckpt[Key.TOKENIZER], ids, args.prompt, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, generator=gen, banned_ids=banned)
     for text in texts:
         print(text)

@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lm.checkpoint import Key
 from pipeline.errors import UserError
 
 RUN_FILE = "run.json"
@@ -161,7 +162,7 @@ class RunDir:
 
     def checkpoint_fields(self) -> dict:
         """Fields to store in every checkpoint of this run (``{**state, **run.checkpoint_fields()}``)."""
-        return {"run_id": self.run_id}
+        return {Key.RUN_ID: self.run_id}
 
     def check_checkpoint(self, ckpt: dict, path: Path) -> None:
         """Check that a checkpoint about to be resumed belongs to this folder's run.
@@ -172,7 +173,7 @@ class RunDir:
         Raises:
             UserError: the checkpoint belongs to another run.
         """
-        theirs = ckpt.get("run_id")
+        theirs = ckpt.get(Key.RUN_ID)
         if self.info.pop("fresh", False):
             self.info["resumed_from"] = {"run_id": theirs, "checkpoint": str(path)}
             return

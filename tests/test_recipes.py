@@ -13,7 +13,7 @@ import yaml
 
 from lm.config import Recipe, load
 from lm.model import build_model
-from lm.train import _yaml
+from lm.report import yaml_text
 from pipeline.config import field_names, to_dict
 from pipeline.data import read_manifest
 
@@ -136,5 +136,5 @@ def test_recipe_round_trips_through_the_saved_copy(path: Path, tmp_path: Path):
     recipe = load(path)
     saved = tmp_path / "elsewhere" / "recipe.yaml"
     saved.parent.mkdir()
-    saved.write_text(_yaml(to_dict(recipe)))
+    saved.write_text(yaml_text(to_dict(recipe)))
     assert load(saved) == recipe

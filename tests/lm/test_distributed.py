@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import lm.generate
 import lm.train
-from lm.config import ModelConfig
+from lm.batches import batch_source
+from lm.config import ModelConfig, TrainConfig
+from lm.distributed import Dist, check_replicas
+from lm.evaluate import evaluate
 from lm.model import build_model
-from lm.train import Dist, _check_replicas, evaluate
-from pipeline.collate import PackedCollator
 from pipeline.data import TokenDataset
 from pipeline.sampling import BucketBatchSampler
 
@@ -31,10 +31,8 @@ def ppl_of(model, ds: TokenDataset, *, world: int) -> float:
     """Validation perplexity in this process, over the batches each of ``world`` ranks would get."""
     nll, tokens = 0.0, 0
     for rank in range(world):
-        sampler = BucketBatchSampler(ds.lengths, max_tokens=MAX_TOKENS, shuffle=False, seed=SEED,
-                                     num_replicas=world, rank=rank)
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=PackedCollator(pad_id=0))
-        n, t = evaluate(model, loader, torch.device("cpu"), Dist())
+        source = batch_source(ds, TrainConfig(max_tokens=MAX_TOKENS, seed=SEED), Dist(rank, world), train=False, pin=False)
+        n, t = evaluate(model, source, torch.device("cpu"), Dist())  # summed here, not over ranks
         nll, tokens = nll + n, tokens + t
     return math.exp(nll / tokens)
 
@@ -92,23 +90,23 @@ def two_ranks(other) -> Dist:
 def test_replica_check_passes_on_equal_weights_and_fails_on_any_difference():
     model = tiny_model()
     seen = []
-    _check_replicas(model, two_ranks(lambda x: (seen.append(x), x)[1]))  # the same digest: no error
+    check_replicas(model, two_ranks(lambda x: (seen.append(x), x)[1]))  # the same digest: no error
     twin = tiny_model()
-    _check_replicas(twin, two_ranks(lambda x: x))
+    check_replicas(twin, two_ranks(lambda x: x))
     with torch.no_grad():  # one weight one ulp away
         w = twin.rnn.weight_hh_l0
         w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(math.inf))
     other = []
-    _check_replicas(twin, two_ranks(lambda x: (other.append(x), x)[1]))
+    check_replicas(twin, two_ranks(lambda x: (other.append(x), x)[1]))
     assert other[0] != seen[0]
     with pytest.raises(RuntimeError, match="DDP replicas diverged"):
-        _check_replicas(model, two_ranks(lambda x: other[0]))
+        check_replicas(model, two_ranks(lambda x: other[0]))
 
 
 def test_replica_check_is_free_in_one_process():
     d = Dist()
     d.all_gather = lambda obj: pytest.fail("one process gathers nothing")
-    _check_replicas(tiny_model(), d)
+    check_replicas(tiny_model(), d)
 
 
 # --------------------------------------------------------------------------- adaptive softmax under DDP

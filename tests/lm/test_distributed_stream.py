@@ -15,8 +15,10 @@ import torch
 
 import lm.generate
 from lm import checkpoint
+from lm.batches import batch_source
 from lm.config import TrainConfig
-from lm.train import Dist, _data, evaluate
+from lm.distributed import Dist
+from lm.evaluate import evaluate
 from pipeline.data import TokenDataset
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +49,7 @@ def test_two_ranks_stream_mode_and_resume(toy_recipe, toy_prepared, lm_env):
     (val,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["split"] == "validation"]
     model, _ = lm.generate.load_model(str(out / "checkpoints" / "step-00000004.pt"))
-    data = _data(TokenDataset(toy_prepared, "validation"), TrainConfig(**{**STREAM, "max_steps": 4}), Dist(),
+    data = batch_source(TokenDataset(toy_prepared, "validation"), TrainConfig(**{**STREAM, "max_steps": 4}), Dist(),
                  train=False, pin=False)
     nll, tokens = evaluate(model, data, torch.device("cpu"), Dist())
     assert val["tokens"] == tokens == TokenDataset(toy_prepared, "validation").num_tokens

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import lm.train
+from lm.batches import batch_source
 from lm.config import TrainConfig, load
+from lm.distributed import Dist
+from lm.evaluate import evaluate
 from lm.generate import load_model
-from lm.train import Dist, _data, evaluate
 from pipeline.data import TokenDataset
 
 from .test_train import assert_same_training_state, batches_per_epoch, records
@@ -26,7 +28,7 @@ LSTM = {"cell": "lstm", "num_layers": 2, "dropout_emb": 0.1, "dropout_rnn": 0.2,
 
 def stream_ppl(model, prepared, split: str, streams: int, bptt: int) -> tuple[float, int]:
     cfg = TrainConfig(mode="stream", eval_batch_size=streams, bptt=bptt)
-    nll, tokens = evaluate(model, _data(TokenDataset(prepared, split), cfg, Dist(), train=False, pin=False),
+    nll, tokens = evaluate(model, batch_source(TokenDataset(prepared, split), cfg, Dist(), train=False, pin=False),
                            torch.device("cpu"), Dist())
     return math.exp(nll / tokens), tokens
 

@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+import lm.distributed
 import lm.generate
 import lm.train
 from lm import checkpoint
 from lm.config import load
+from lm.distributed import StopSignal
+from lm.report import resume_command
 from pipeline.collate import PackedCollator
 from pipeline.data import TokenDataset, read_manifest
 from pipeline.sampling import BucketBatchSampler
@@ -294,17 +297,17 @@ def test_the_resume_command_reproduces_a_torchrun_launch(monkeypatch):
     for var in ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     argv = ["recipes/ptb.yaml", "train.prompts=[a b, c]"]
-    assert lm.train._resume_command(argv) == "python -m lm.train recipes/ptb.yaml 'train.prompts=[a b, c]' train.resume=auto"
+    assert resume_command(argv) == "python -m lm.train recipes/ptb.yaml 'train.prompts=[a b, c]' train.resume=auto"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert lm.train._resume_command(argv[:1]) == \
+    assert resume_command(argv[:1]) == \
         "torchrun --nproc_per_node 2 -m lm.train recipes/ptb.yaml train.resume=auto"
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("MASTER_ADDR", "node0")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    assert lm.train._resume_command(argv[:1]) == ("torchrun --nproc_per_node 8 --nnodes 2 --rdzv_backend c10d "
+    assert resume_command(argv[:1]) == ("torchrun --nproc_per_node 8 --nnodes 2 --rdzv_backend c10d "
                                                   "--rdzv_endpoint node0:29500 -m lm.train recipes/ptb.yaml "
                                                   "train.resume=auto")
 
@@ -384,9 +387,9 @@ def test_a_forwarded_copy_of_the_signal_is_the_same_stop_and_a_later_one_stops_n
     not abort the checkpoint; a second Ctrl-C a second later must stop at once."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     clock = [100.0]
-    monkeypatch.setattr(lm.train.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(lm.distributed.time, "monotonic", lambda: clock[0])
     try:
-        stop = lm.train._Stop(announce=False)
+        stop = StopSignal(announce=False)
         stop._handle(signal.SIGINT, None)
         clock[0] += 0.2
         stop._handle(signal.SIGINT, None)  # the launcher's copy: ignored
@@ -394,7 +397,7 @@ def test_a_forwarded_copy_of_the_signal_is_the_same_stop_and_a_later_one_stops_n
         clock[0] += 1.0
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)
-        other = lm.train._Stop(announce=False)
+        other = StopSignal(announce=False)
         other.agree(signal.SIGTERM)  # learned from another rank; its own copy arrives next
         other._handle(signal.SIGTERM, None)
         assert other.signum == signal.SIGTERM

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lm.config import ModelConfig
-from lm.train import build_model
+from lm.model import build_model
 from pipeline.collate import PackedCollator
 from pipeline.data import TokenDataset, read_manifest
 from pipeline.sampling import BucketBatchSampler

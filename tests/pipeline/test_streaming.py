@@ -321,7 +321,7 @@ def test_ddp_shards_and_uneven_end_does_not_hang(tmp_path):
 def test_trains_a_model_from_a_streamed_source(data_cfg, tmp_path):
     """The lm.train integration in small: open_stream → batcher → PackedCollator → RNNLM, resumed."""
     from lm.config import ModelConfig
-    from lm.train import build_model
+    from lm.model import build_model
     from pipeline.streaming import open_stream
 
     src = tmp_path / "src"

@@ -17,7 +17,7 @@ off        any                fp32                             fp32        no
 bf16       cuda               bf16 autocast                    fp32/TF32   no
 fp16       cuda (cuDNN)       fp16 autocast                    fp16 cuDNN  yes
 fp16       cuda (no cuDNN)    fp16 autocast                    fp32/TF32   yes
-bf16       cpu                bf16 (full softmax; see below)   fp32        no
+bf16       cpu                bf16 GEMMs, fp32 softmax         fp32        no
 auto       cuda               as bf16
 auto       cpu, mps           as off
 =========  =================  ==============================  ==========  ===========
@@ -26,7 +26,10 @@ On a CPU, teacher-forced training scores the full softmax with the fused output 
 loss (:func:`lm.losses.linear_cross_entropy_sum`), which reads the head's dtype and runs its
 three GEMMs on bf16 operands (fp32 softmax inside the kernel, fp32 gradient sums): on CPUs
 with AVX-512 BF16 or AMX that is where bf16 pays (``bench/train_speed.py``). Evaluation and
-the scheduled-sampling loop run the head under CPU autocast.
+the scheduled-sampling loop run the head under CPU autocast. An adaptive softmax runs its
+head and tail GEMMs in bf16 and everything after them (log-softmax, gathers) in fp32
+(:class:`BF16LinearFP32Out` inside :class:`FP32AdaptiveLogSoftmaxWithLoss`): CPU autocast
+would leave its ``log_softmax`` in bf16, which torch's adaptive softmax cannot mix with fp32.
 
 How. Reduced precision is put on the *output layer's modules* (:meth:`Precision.apply`
 swaps ``nn.Linear`` and ``nn.AdaptiveLogSoftmaxWithLoss`` for subclasses that open their
@@ -34,7 +37,7 @@ own autocast region), not around the whole forward pass, so the RNN runs in fp32
 the model calls it (``nn.LSTM.forward`` or ``torch._VF`` directly, as weight drop does).
 Only the fp16-RNN policy opens an autocast region around the forward
 (:meth:`Precision.autocast`). torch's adaptive softmax gets fp32 inputs under autocast
-(it fails on fp16 ones), and on a CPU it runs without autocast (CPU autocast breaks it).
+(it fails on fp16 ones); on a CPU only its linear layers enter autocast (see above).
 
 The RNN is never put in bf16, even on cuDNN >= 9.13: that needs bf16 weights (no fp32
 master copy) or a per-call cast that autocast does not offer; a bf16 RNN would be a
@@ -127,8 +130,9 @@ class Precision:
 
         With a reduced-precision :attr:`dtype`, every ``nn.Linear`` (the output layer) and
         ``nn.AdaptiveLogSoftmaxWithLoss`` gets a subclass whose methods run under autocast
-        to that dtype (:class:`BF16Linear`, ...); on a CPU the adaptive softmax, its own
-        linear layers included, stays fp32 instead (:class:`FP32AdaptiveLogSoftmaxWithLoss`).
+        to that dtype (:class:`BF16Linear`, ...); on a CPU the adaptive softmax stays fp32
+        (:class:`FP32AdaptiveLogSoftmaxWithLoss`) around linear layers that compute in bf16
+        and return fp32 (:class:`BF16LinearFP32Out`).
         Parameters, ``state_dict`` keys, tied weights and hooks are unchanged. Call it
         before wrapping the model in DDP. Idempotent.
 
@@ -140,16 +144,18 @@ class Precision:
             torch.backends.cudnn.allow_tf32 = self.tf32
         if self.dtype is None:
             return model
-        linear, adaptive = _LINEAR[self.dtype], _ADAPTIVE[self.dtype]
+        linear, adaptive, inner = _LINEAR[self.dtype], _ADAPTIVE[self.dtype], _LINEAR[self.dtype]
         if self.device_type == "cpu":
-            adaptive = FP32AdaptiveLogSoftmaxWithLoss
-        keep_fp32 = set()
-        for m in model.modules():
+            adaptive, inner = FP32AdaptiveLogSoftmaxWithLoss, BF16LinearFP32Out
+        done = set()
+        for m in model.modules():  # parents before children
             if isinstance(m, nn.AdaptiveLogSoftmaxWithLoss):
                 m.__class__ = adaptive
-                if adaptive is FP32AdaptiveLogSoftmaxWithLoss:
-                    keep_fp32.update(id(c) for c in m.modules() if c is not m)
-            elif isinstance(m, nn.Linear) and id(m) not in keep_fp32:
+                for c in m.modules():
+                    if isinstance(c, nn.Linear):
+                        c.__class__ = inner
+                        done.add(id(c))
+            elif isinstance(m, nn.Linear) and id(m) not in done:
                 m.__class__ = linear
         return model
 
@@ -239,6 +245,14 @@ class BF16Linear(_AutocastLinear):
     _amp_dtype = torch.bfloat16
 
 
+class BF16LinearFP32Out(BF16Linear):
+    """``nn.Linear`` computing in bf16 (autocast) and returning fp32: an adaptive softmax's
+    layers on a CPU, whose log-softmax and index copies must see fp32."""
+
+    def forward(self, input):
+        return super().forward(input).float()
+
+
 class FP16Linear(_AutocastLinear):
     """``nn.Linear`` computing in fp16 (autocast), fp32 parameters."""
 
@@ -276,7 +290,8 @@ class FP16AdaptiveLogSoftmaxWithLoss(_AutocastAdaptive):
 
 class FP32AdaptiveLogSoftmaxWithLoss(_AutocastAdaptive):
     """Adaptive softmax in fp32 even inside an autocast region: CPU autocast leaves
-    ``log_softmax`` in bf16, which torch's adaptive softmax cannot mix with fp32."""
+    ``log_softmax`` in bf16, which torch's adaptive softmax cannot mix with fp32. Its
+    linear layers may still compute in bf16 (:class:`BF16LinearFP32Out`)."""
 
     _amp_dtype = None
 

@@ -404,3 +404,17 @@ def test_a_forwarded_copy_of_the_signal_is_the_same_stop_and_a_later_one_stops_n
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def test_a_periodic_validation_a_few_steps_before_an_epoch_end_waits_for_it(toy_recipe, toy_prepared):
+    """13 batches an epoch, eval_every 10: step 10 is 3 steps (< 10 / 2) before the epoch's
+    own validation, so it waits for it; step 20 is 6 steps before, so it validates. The same
+    holds before a max_steps stop. Without the rule: validations at 10 and 13, a plateau
+    schedule and NT-ASGD counting one model twice."""
+    assert batches_per_epoch(toy_prepared) == 13
+    path = toy_recipe("epochs", train={"epochs": 2, "eval_every": 10, "log_every": 100})
+    lm.train.run(load(path))
+    assert [r["step"] for r in records(path.parent / "epochs", "validation")] == [13, 20, 26]
+    path = toy_recipe("steps", train={"epochs": None, "max_steps": 12, "eval_every": 10, "log_every": 100})
+    lm.train.run(load(path))
+    assert [r["step"] for r in records(path.parent / "steps", "validation")] == [12]

@@ -9,11 +9,21 @@ an ``<eos>`` per line, ids from a vocabulary built on the fly. Tokens/s counts t
 tokens (for the ``shift=True`` row each sample gets a ``<bos>`` first, so its packed
 inputs are the same tokens).
 
-Usage: python bench/collate.py [--data ../shared/data/wikitext-2] [--repeats 5]
+The extra-fields rows collate dataset rows (dicts) with a label (int) and an id (str)
+beside the ids — what a classifier's ``Dataset`` holds — against the same rows with the
+ids alone, over the same batches (goal: at most 1.3x the time), and with per-token tags
+packed like the ids (``pack_fields``).
+
+``--baseline FILE`` also runs another version of ``pipeline/collate.py`` (``git show
+REV:pipeline/collate.py > FILE``) on the inputs without extra fields, interleaved with
+ours, and prints the time ratio of each: whether a change slowed the fast path.
+
+Usage: python bench/collate.py [--data ../shared/data/wikitext-2] [--repeats 5] [--baseline FILE]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import sys
 import time
@@ -66,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "wikitext-2")
     ap.add_argument("--repeats", type=int, default=5, help="passes per collator; the best counts")
+    ap.add_argument("--baseline", type=Path, help="another version of pipeline/collate.py, timed beside ours")
     args = ap.parse_args()
     train = args.data / "train.txt"
     if not train.is_file():
@@ -128,14 +139,30 @@ def main() -> None:
         return pack_padded_sequence(padded, torch.tensor([len(s) for s in samples]), batch_first=True)
 
     packed, packed_shift = PackedCollator(shift=False), PackedCollator(shift=True)
+    ids_rows = [{"input_ids": v} for v in views]
+    field_rows = [{"input_ids": v, "label": i % 5, "id": f"wt2-train-{i}"} for i, v in enumerate(views)]
+    tag_rows = [{**r, "tags": (v % 17).astype(np.uint8)} for r, v in zip(field_rows, views)]  # one tag per id
+    ROWS_IDS, ROWS_FIELDS = "PackedCollator(shift=False), rows: ids alone", "PackedCollator(shift=False), rows: ids+label+id"
     runs = [
         ("PackedCollator(shift=False), uint16 views", packed, views),
         ("PackedCollator(shift=True), uint16 views", packed_shift, views_bos),
         ("PackedCollator(shift=False), int lists", packed, seqs),
         ("PackedCollator(shift=False), tensors", packed, tensors),
+        (ROWS_IDS, packed, ids_rows),
+        (ROWS_FIELDS, packed, field_rows),
+        ("PackedCollator(pack_fields=['tags']), rows: +tags", PackedCollator(shift=False, pack_fields=["tags"]), tag_rows),
         ("PadCollator(shift=False), uint16 views", PadCollator(shift=False), views),
         ("torch pad_sequence+pack_padded_sequence, tensors", pad_pack, tensors),
     ]
+    fast_path = [r for r in runs  # our collators on inputs without extra fields
+                 if isinstance(r[1], (PackedCollator, PadCollator)) and r[2] is not field_rows and r[2] is not tag_rows]
+    if args.baseline is not None:
+        spec = importlib.util.spec_from_file_location("collate_baseline", args.baseline)
+        base = sys.modules["collate_baseline"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(base)
+        for name, fn, samples in fast_path:
+            cls = base.PadCollator if isinstance(fn, PadCollator) else base.PackedCollator
+            runs.append((f"baseline {name}", cls(shift=fn.shift), samples))
     if LengthGroupedSampler is not None:
         from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -149,9 +176,15 @@ def main() -> None:
     ours_best = speed[runs[0][0]]
     print(f"\ncollate speed: {len(batches)} batches, best of {args.repeats} interleaved passes, "
           "CPU time, 1 torch thread")
-    print(f"  {'collator':52s} {'M tok/s':>8s} {'ours/this':>9s}")
+    print(f"  {'collator':56s} {'M tok/s':>8s} {'ours/this':>9s}")
     for name, v in speed.items():
-        print(f"  {name:52s} {v / 1e6:8.2f} {ours_best / v:9.2f}")
+        print(f"  {name:56s} {v / 1e6:8.2f} {ours_best / v:9.2f}")
+    print(f"\ntwo extra fields (label int, id str): {speed[ROWS_IDS] / speed[ROWS_FIELDS]:.3f}x the time of the same "
+          f"rows with ids alone, {ours_best / speed[ROWS_FIELDS]:.3f}x that of bare uint16 views (goal: <= 1.3x)")
+    if args.baseline is not None:
+        print(f"\nfast path against {args.baseline} (time, ours / baseline)")
+        for name, _, _ in fast_path:
+            print(f"  {name:56s} {speed[f'baseline {name}'] / speed[name]:6.3f}")
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ def _concat(seqs: Sequence[Any], total: int) -> np.ndarray:
 
 
 def _pack_runs(
-    flat: np.ndarray, runs: list[tuple[int, int]], shift: bool, *, targets: bool = True, dtype: Any = np.int64
+    flat: np.ndarray, runs: list[tuple[int, int]], shift: bool, targets: bool = True, dtype: Any = np.int64
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Pack a batch made of a few runs of equal length, with strided block copies.
 
@@ -397,7 +397,7 @@ def _pack_runs(
 
 
 def _pack_gather(
-    flat: np.ndarray, lengths: np.ndarray, shift: bool, *, targets: bool = True, dtype: Any = np.int64
+    flat: np.ndarray, lengths: np.ndarray, shift: bool, targets: bool = True, dtype: Any = np.int64
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Pack any batch with one index gather: step ``t`` of the ``j``-th sequence is read
     from ``starts[j] + t`` and lands at ``sum(batch_sizes[:t]) + j``.
@@ -419,7 +419,7 @@ def _pack_gather(
 
 
 def _pack(
-    flat: np.ndarray, runs: list[tuple[int, int]], lengths: np.ndarray | None, shift: bool, *, targets: bool = True,
+    flat: np.ndarray, runs: list[tuple[int, int]], lengths: np.ndarray | None, shift: bool, targets: bool = True,
     dtype: Any = np.int64,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Pack by :func:`_pack_runs` or :func:`_pack_gather`, whichever is faster for ``runs``.
@@ -440,8 +440,8 @@ def _pack(
     # Bucketed batches hold a few distinct lengths: block copies beat an index gather
     # there (measured: 2 runs 1.2x, 3-4 runs 1.5x faster) and lose beyond ~5 runs.
     if len(runs) <= _MAX_RUNS:
-        return _pack_runs(flat, runs, shift, targets=targets, dtype=dtype)
-    return _pack_gather(flat, lengths, shift, targets=targets, dtype=dtype)
+        return _pack_runs(flat, runs, shift, targets, dtype)  # positional: this runs per batch
+    return _pack_gather(flat, lengths, shift, targets, dtype)
 
 
 # -------------------------------------------------------------------- collators
@@ -518,9 +518,6 @@ class PackedCollator:
         """
         seqs, rows = _token_lists(samples, self.key)
         lens, shortest, longest = _lengths(seqs, self.shift, "PackedCollator")
-        values = _field_values(samples, self.key, "PackedCollator") if rows else {}
-        if self.pack_fields:
-            _check_pack_fields(self.pack_fields, values, rows, "PackedCollator", "pack_fields")
         B = len(lens)
         if shortest == longest:  # common after bucketing: already in order, one run
             order = unsorted = np.arange(B)
@@ -542,24 +539,38 @@ class PackedCollator:
         inputs, targets, batch_sizes = _pack(flat, runs, full, self.shift)
 
         sorted_t, unsorted_t, bs_t = torch.from_numpy(order), torch.from_numpy(unsorted), torch.from_numpy(batch_sizes)
+        batch = PackedBatch(
+            PackedSequence(torch.from_numpy(inputs), bs_t, sorted_t, unsorted_t),
+            None if targets is None else PackedSequence(torch.from_numpy(targets), bs_t, sorted_t, unsorted_t),
+            torch.from_numpy(lengths),
+            sorted_t,
+            pad_id=self.pad_id,
+        )
+        if rows or self.pack_fields:  # lists, arrays and tensors carry no fields: nothing more to do
+            batch.fields = self._fields(samples, rows, lens, arrange, runs, full, batch.inputs)
+        return batch
+
+    def _fields(
+        self, samples: Sequence[Any], rows: bool, lens: list[int], arrange: itemgetter | None,
+        runs: list[tuple[int, int]], full: np.ndarray | None, inputs: PackedSequence,
+    ) -> dict[str, Field]:
+        """The rows' other fields: per-row ones in the caller's order, ``pack_fields`` packed
+        by the ids' ``runs`` (and ``full``, the sorted lengths), in the ids' sorted order
+        (``arrange``), sharing ``inputs``' ``batch_sizes`` and index tensors."""
+        values = _field_values(samples, self.key, "PackedCollator") if rows else {}
+        if self.pack_fields:
+            _check_pack_fields(self.pack_fields, values, rows, "PackedCollator", "pack_fields")
         fields: dict[str, Field] = {}
         for name, vals in values.items():
             if name not in self.pack_fields:
                 fields[name] = _collate_field(vals)  # caller's order, as the rows came
                 continue
             _check_token_field(vals, lens, name, self.key, "PackedCollator")
-            ff = _flat_field(vals if arrange is None else arrange(vals), len(flat), name, "PackedCollator")
+            ff = _flat_field(vals if arrange is None else arrange(vals), sum(lens), name, "PackedCollator")
             # the ids' runs and lengths, cut like the inputs (no targets): data[k] belongs to inputs.data[k]
-            data, _, _ = _pack(ff, runs, full, self.shift, targets=False, dtype=ff.dtype)
-            fields[name] = PackedSequence(torch.from_numpy(data), bs_t, sorted_t, unsorted_t)
-        return PackedBatch(
-            PackedSequence(torch.from_numpy(inputs), bs_t, sorted_t, unsorted_t),
-            None if targets is None else PackedSequence(torch.from_numpy(targets), bs_t, sorted_t, unsorted_t),
-            torch.from_numpy(lengths),
-            sorted_t,
-            pad_id=self.pad_id,
-            fields=fields,
-        )
+            data, _, _ = _pack(ff, runs, full, self.shift, False, ff.dtype)
+            fields[name] = inputs._replace(data=torch.from_numpy(data))
+        return fields
 
 
 class PadCollator:
@@ -631,9 +642,6 @@ class PadCollator:
         """
         seqs, rows = _token_lists(samples, self.key)
         lens, _, longest = _lengths(seqs, self.shift, "PadCollator")
-        values = _field_values(samples, self.key, "PadCollator") if rows else {}
-        if self.pad_fields:
-            _check_pack_fields(self.pad_fields, values, rows, "PadCollator", "pad_fields")
         total = sum(lens)
         flat = _concat(seqs, total).astype(np.int64, copy=False)
         full = np.array(lens, dtype=np.int64)  # (B,)
@@ -649,23 +657,36 @@ class PadCollator:
         if self.shift:
             targets = np.full((len(seqs), T), self.target_pad_id, dtype=np.int64)  # (B, T)
             targets[mask] = flat[src + 1]
+        batch = PaddedBatch(
+            torch.from_numpy(inputs),
+            None if targets is None else torch.from_numpy(targets),
+            torch.from_numpy(mask),
+            torch.from_numpy(steps),
+        )
+        if rows or self.pad_fields:  # lists, arrays and tensors carry no fields
+            batch.fields = self._fields(samples, rows, lens, mask, src)
+        return batch
+
+    def _fields(
+        self, samples: Sequence[Any], rows: bool, lens: list[int], mask: np.ndarray, src: np.ndarray
+    ) -> dict[str, Field]:
+        """The rows' other fields: per-row ones in the caller's order, ``pad_fields`` padded
+        like the ids (``mask`` and ``src``: where each real input token sits, and where
+        in the rows laid end to end it came from)."""
+        values = _field_values(samples, self.key, "PadCollator") if rows else {}
+        if self.pad_fields:
+            _check_pack_fields(self.pad_fields, values, rows, "PadCollator", "pad_fields")
         fields: dict[str, Field] = {}
         for name, vals in values.items():
             if name not in self.pad_fields:
                 fields[name] = _collate_field(vals)
                 continue
             _check_token_field(vals, lens, name, self.key, "PadCollator")
-            ff = _flat_field(vals, total, name, "PadCollator")  # (sum L,) caller's order
-            padded = np.full((len(seqs), T), self._pad_value(name, ff.dtype), dtype=ff.dtype)  # (B, T)
+            ff = _flat_field(vals, sum(lens), name, "PadCollator")  # (sum L,) caller's order
+            padded = np.full(mask.shape, self._pad_value(name, ff.dtype), dtype=ff.dtype)  # (B, T)
             padded[mask] = ff[src]  # the inputs' positions: cut like them with shift
             fields[name] = torch.from_numpy(padded)
-        return PaddedBatch(
-            torch.from_numpy(inputs),
-            None if targets is None else torch.from_numpy(targets),
-            torch.from_numpy(mask),
-            torch.from_numpy(steps),
-            fields=fields,
-        )
+        return fields
 
     def _pad_value(self, name: str, dtype: np.dtype) -> Any:
         v = self.field_pad_value

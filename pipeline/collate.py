@@ -546,7 +546,9 @@ class PackedCollator:
             sorted_t,
             pad_id=self.pad_id,
         )
-        if rows or self.pack_fields:  # lists, arrays and tensors carry no fields: nothing more to do
+        # Lists, arrays, tensors and rows of the ids alone (one field each, ``key``) carry
+        # nothing more: they skip the fields' code (its own checks raise for the rest).
+        if (rows and sum(map(len, samples)) != B) or self.pack_fields:
             batch.fields = self._fields(samples, rows, lens, arrange, runs, full, batch.inputs)
         return batch
 
@@ -663,7 +665,7 @@ class PadCollator:
             torch.from_numpy(mask),
             torch.from_numpy(steps),
         )
-        if rows or self.pad_fields:  # lists, arrays and tensors carry no fields
+        if (rows and sum(map(len, samples)) != len(lens)) or self.pad_fields:  # as in PackedCollator
             batch.fields = self._fields(samples, rows, lens, mask, src)
         return batch
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
 
 
 def _epoch(loader) -> tuple[float, int, int]:
@@ -40,7 +40,7 @@ def main() -> None:
     from pipeline.data import TokenDataset, make_loader
     from pipeline.prepare import prepare
 
-    folder = Path(tempfile.gettempdir()) / "bench-wt2"
+    folder = prepared_dir(args.data)
     cfg = load(ROOT / "recipes" / "wikitext.yaml", [f"data.source.dir={args.data}", f"data.output={folder}"]).data
     prepare(cfg, quiet=True)
     ds = TokenDataset(folder, "train")

@@ -258,6 +258,8 @@ def main() -> None:
         sys.exit(f"error: {args.data} has no train.txt, valid.txt and test.txt; pass --data FOLDER (e.g. ../shared/data/wikitext-2)")
     scales = sorted({int(s) for s in args.scales.split(",") if s} | {args.repeat})
     procs = [int(n) for n in args.num_proc.split(",")]
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.workdir))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # other jobs on the machine skew wall times
     print(f"cpus {os.cpu_count()}, load average {load}, python {sys.version.split()[0]}, work folder {work}", flush=True)

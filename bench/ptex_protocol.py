@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
 ANCHOR = ROOT.parent / "shared" / "anchors" / "ptex_epoch.py"
 
 
@@ -49,7 +50,7 @@ def ours(data: Path, epochs: int, keep: Path | None) -> dict:
         run = keep or Path(tmp) / "run"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "lm.train", "recipes/ptex_wikitext2.yaml",
-                        f"data.source.dir={data}", f"data.output={Path(tempfile.gettempdir()) / 'bench-wt2'}",
+                        f"data.source.dir={data}", f"data.output={prepared_dir(data)}",
                         f"train.output_dir={run}", f"train.epochs={epochs}", "train.plot=false",
                         "train.prompts=[]"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - t0

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
 
 
 class _PtexModel(nn.Module):
@@ -110,7 +111,7 @@ def theirs(data_dir: Path, seconds: float) -> dict:
 def ours(data_dir: Path, seconds: float, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "lm.train", str(ROOT / "recipes" / "wikitext.yaml"), f"data.source.dir={data_dir}",
-               f"data.output={Path(tempfile.gettempdir()) / 'bench-wt2'}", f"train.output_dir={tmp}",
+               f"data.output={prepared_dir(data_dir)}", f"train.output_dir={tmp}",
                f"train.max_time={seconds}", "train.plot=false", *extra]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result = json.loads((Path(tmp) / "result.json").read_text())

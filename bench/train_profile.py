@@ -37,11 +37,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
 VARIANTS = {
     "fp32, tuned": {"tune": True},
     "fp32, untuned (before)": {"tune": False},
@@ -57,7 +57,7 @@ PHASES = ("data", "rnn", "out", "bwd", "opt")
 
 
 def _prealloc_linear_ce():
-    """A prototype of ``lm.model._LinearCrossEntropy`` with one reused (chunk, V) buffer."""
+    """A prototype of ``lm.losses.linear_cross_entropy_sum`` with one reused (chunk, V) buffer."""
     import torch
 
     buffers: dict = {}
@@ -107,7 +107,8 @@ def worker(cfg: dict) -> dict:
         torch.set_num_interop_threads(cfg["interop"])
     if "threads" in cfg:
         torch.set_num_threads(cfg["threads"])
-    from lm.model import RNNLM, _LinearCrossEntropy
+    from lm.losses import linear_cross_entropy_sum
+    from lm.model import RNNLM
     from pipeline.data import TokenDataset, make_loader
 
     torch.manual_seed(0)
@@ -118,7 +119,7 @@ def worker(cfg: dict) -> dict:
     model = RNNLM(33_280, cell="lstm", embed_dim=200, hidden_size=200, num_layers=2, dropout_emb=0.2,
                   dropout_rnn=0.2, dropout_out=0.2)
     opt = torch.optim.SGD(model.parameters(), lr=20)
-    linear_ce = _prealloc_linear_ce() if cfg.get("prealloc") else _LinearCrossEntropy
+    linear_ce = _prealloc_linear_ce().apply if cfg.get("prealloc") else linear_cross_entropy_sum
     bf16 = cfg.get("bf16", False)
     times = dict.fromkeys(PHASES, 0.0)
     tokens, losses, it = 0, [], iter(loader)
@@ -128,12 +129,13 @@ def worker(cfg: dict) -> dict:
         t1 = time.perf_counter()
         targets = batch.targets.data  # (N,)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            h, _, _ = model._forward_fused(batch.inputs, None, (None, None), need_state=False, logits=False)  # (N, H)
+            draw = model._draw(len(batch.lengths))  # this step's dropout masks
+            _, h, _ = model._forward_fused(batch.inputs, None, draw, need_state=False)  # (N, H) after output dropout
             t2 = time.perf_counter()
             if bf16:
                 nll = torch.nn.functional.cross_entropy(model.head(h).float(), targets, reduction="sum")
             else:
-                nll = linear_ce.apply(h, model.head.weight, model.head.bias, targets, 2048)
+                nll = linear_ce(h, model.head.weight, model.head.bias, targets, 2048)
         t3 = time.perf_counter()
         (nll / targets.numel()).backward()
         t4 = time.perf_counter()
@@ -242,7 +244,7 @@ def main() -> None:
         cfg = json.loads(args.worker)
         print(json.dumps(accuracy(cfg["prepared"]) if cfg.get("accuracy") else worker(cfg)))
         return
-    prepared = str(Path(tempfile.gettempdir()) / "bench-wt2")
+    prepared = str(prepared_dir(args.data))
     subprocess.run([sys.executable, "-m", "pipeline.prepare", str(ROOT / "recipes" / "wikitext.yaml"),
                     f"data.source.dir={args.data}", f"data.output={prepared}", "--quiet"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)

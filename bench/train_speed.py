@@ -49,6 +49,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
 ANCHOR = ROOT.parent / "shared" / "anchors" / "ptex_like.py"
 EMB, HID, LAYERS, VOCAB = 200, 200, 2, 33_280  # our vocabulary: 33,278 words + <bos> + <pad>
 SAME_MODEL = [
@@ -189,7 +190,7 @@ def main() -> None:
         sys.exit(f"no WikiText-2 at {args.data} (expected train.txt): pass --data")
     if not ANCHOR.is_file():
         sys.exit(f"anchor script not found: {ANCHOR}")
-    prepared = Path(tempfile.gettempdir()) / "bench-wt2"
+    prepared = prepared_dir(args.data)
     subprocess.run([sys.executable, "-m", "pipeline.prepare", str(ROOT / "recipes" / "wikitext.yaml"),
                     f"data.source.dir={args.data}", f"data.output={prepared}", "--quiet"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
@@ -220,7 +221,7 @@ def main() -> None:
             load = os.getloadavg()[0]
             r = fn()
             results[name].append(r)
-            cpu = r["user"] + r["sys"]
+            cpu = max(r["user"] + r["sys"], 1e-9)  # a run of a few seconds may not tick the CPU clock
             print(f"{rnd:5d} {name:34s} {load:5.1f} {r['rate']:9,.0f} {r['user']:7.1f} {r['sys']:6.1f} "
                   f"{100 * r['sys'] / cpu:6.1f} {r['tokens'] / cpu:9,.0f} {r['rate'] * flops / 1e9:8.1f}", flush=True)
     peaks.append(gemm_peak())
@@ -228,12 +229,13 @@ def main() -> None:
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     peak_cpu = statistics.mean(p[1] for p in peaks)
     rate = {k: statistics.median(r["rate"] for r in rs) for k, rs in results.items()}
-    per_cpu = {k: sum(r["tokens"] for r in rs) / sum(r["user"] + r["sys"] for r in rs) for k, rs in results.items()}
+    cpu_s = {k: max(sum(r["user"] + r["sys"] for r in rs), 1e-9) for k, rs in results.items()}
+    per_cpu = {k: sum(r["tokens"] for r in rs) / cpu_s[k] for k, rs in results.items()}
     print("\ntokens/s: median over rounds; tokens per CPU-s: over all rounds; ratios against pytorch/examples run the "
           "same way (as shipped, or both with MALLOC_ env); % of the GEMM's GFLOP per CPU-s")
     for name, rs in results.items():
         ref = "pytorch/examples + MALLOC_ env" if "MALLOC_" in name else "pytorch/examples, as shipped"
-        sys_share = 100 * sum(r["sys"] for r in rs) / sum(r["user"] + r["sys"] for r in rs)
+        sys_share = 100 * sum(r["sys"] for r in rs) / cpu_s[name]
         print(f"{name:34s} {rate[name]:7,.0f} tok/s {rate[name] / rate[ref]:5.2f}x | {per_cpu[name]:6,.0f} tok/CPU-s "
               f"{per_cpu[name] / per_cpu[ref]:5.2f}x | sys {sys_share:4.1f}% | "
               f"{100 * per_cpu[name] * flops / 1e9 / peak_cpu:4.1f}% of GEMM", flush=True)

@@ -525,6 +525,9 @@ def build_model(m: ModelConfig, vocab_size: int) -> RNNLM:
     Raises:
         UserError: a combination the model refuses.
     """
+    if m.adaptive_cutoffs and max(m.adaptive_cutoffs) >= vocab_size:
+        raise UserError(f"model.adaptive_cutoffs={list(m.adaptive_cutoffs)} needs more than {max(m.adaptive_cutoffs)} "
+                        f"ids, and this data has {vocab_size:,}: lower the cutoffs, or set model.adaptive_cutoffs=null")
     try:
         model = RNNLM(
             vocab_size, cell=m.cell, embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,

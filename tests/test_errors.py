@@ -193,6 +193,9 @@ CASES = [
     Case("max-tokens-3", "train", lambda w: [_ok(w), "train.max_tokens=3", *_fresh(w)[1:]],
          r"^train\.max_tokens=3 is smaller than the longest train sequence \(14 ids\); raise it, or cap sequences with data\.max_len$",
          after_prepare=True, subprocess=True),
+    Case("cutoffs-past-vocab", "train", lambda w: [_ok(w), "model.adaptive_cutoffs=[10, 500]", *_fresh(w)[1:]],
+         r"^model\.adaptive_cutoffs=\[10, 500\] needs more than 500 ids, and this data has \d+: lower the cutoffs, "
+         r"or set model\.adaptive_cutoffs=null$", after_prepare=True),
     Case("no-gpu", "train", lambda w: [_ok(w), "train.device=cuda", *_fresh(w)],
          r"^train\.device=cuda but no CUDA GPU is available \(use train\.device=auto or cpu\)$", subprocess=True),
     # ---------------------------------------------------------------- lm.generate

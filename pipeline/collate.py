@@ -33,6 +33,8 @@ Sample = Union[Sequence[int], np.ndarray, torch.Tensor, Mapping[str, Any]]
 Field = Union[torch.Tensor, PackedSequence, list]
 
 _MAX_RUNS = 4  # distinct lengths up to which PackedCollator packs by block copies
+# torch's default dtype as numpy's, for Python floats in token-level fields (bfloat16 has none: float32)
+_NUMPY_FLOAT = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _accelerator_available() -> bool:
@@ -257,7 +259,10 @@ def _collate_field(values: list) -> Field:
         return values
     if arr.dtype.kind not in "biuf":  # strings, objects (None, dicts, huge ints), dates
         return values
-    out = torch.from_numpy(arr)
+    try:
+        out = torch.from_numpy(arr)
+    except TypeError:  # a dtype this torch lacks (uint16..64 before torch 2.3)
+        return values
     if arr.dtype == np.float64 and not isinstance(first, (np.ndarray, np.generic)):  # Python floats
         out = out.to(torch.get_default_dtype())
     return out
@@ -302,7 +307,7 @@ def _flat_field(values: Sequence[Any], total: int, name: str, who: str) -> np.nd
         except (TypeError, ValueError):  # mixed forms, or nested ragged values: let the shape check say it
             flat = np.concatenate([np.asarray(v) for v in values])
         if flat.dtype == np.float64:  # Python floats
-            flat = flat.astype(str(torch.get_default_dtype()).removeprefix("torch."))
+            flat = flat.astype(_NUMPY_FLOAT.get(torch.get_default_dtype(), np.float32))
     if flat.ndim != 1 or flat.size != total:
         raise ValueError(f"{who}: token-level field {name!r} must hold one number per id, got shape "
                          f"{flat.shape} for {total} ids")

@@ -166,6 +166,18 @@ def test_token_field_dtypes():
     assert p["u8"].tolist() == [[1, 2, 3], [4, 5, -100]] and p["u8"].dtype == torch.int64  # -100 fits int64
 
 
+def test_python_floats_follow_torchs_default_dtype():
+    rows = [{"input_ids": [1, 2], "score": 0.5, "w": [0.25, 1.0]}, {"input_ids": [3], "score": 2.0, "w": [4.0]}]
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        f = PackedCollator(shift=False, pack_fields=["w"])(rows).fields
+    finally:
+        torch.set_default_dtype(before)
+    assert f["score"].dtype == f["w"].data.dtype == torch.float64
+    assert f["score"].tolist() == [0.5, 2.0] and f["w"].data.tolist() == [0.25, 4.0, 1.0]
+
+
 def test_pad_collator_fields_exact():
     rows = make_rows([3, 6])
     out = PadCollator(shift=True, pad_to_multiple_of=4, pad_fields=["tags"])(rows)

@@ -273,6 +273,23 @@ def test_to_moves_fields_and_pin_memory_pins_them(batch, monkeypatch):
     assert out.fields["id"] is batch.fields["id"]
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", _batches_with_fields(), ids=["packed", "padded"])
+def test_fields_pinned_and_moved_to_cuda(batch):
+    out = batch.pin_memory()
+    moved = out.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    for name in ("label", "tags"):
+        pinned, there = out.fields[name], moved.fields[name]
+        assert pinned.is_pinned() and there.is_cuda, name
+        if isinstance(there, PackedSequence):
+            assert torch.equal(there.data.cpu(), batch.fields[name].data)
+            assert there.batch_sizes is pinned.batch_sizes  # stays on the CPU, as the inputs' do
+        else:
+            assert torch.equal(there.cpu(), batch.fields[name])
+    assert moved.fields["id"] is batch.fields["id"]
+
+
 # ------------------------------------------------- loaders, samplers, streams
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import PATH, DataConfig, _Override, from_dict, load_recipe, num
+from pipeline.config import DataConfig, load_recipe
 from pipeline.errors import UserError
+from pipeline.typed_yaml import PATH, from_dict, num
+from pipeline.typed_yaml import Override as _Override  # TEMP: the profile merge below switches to Override
 
 
 @dataclass

@@ -53,7 +53,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from pipeline.config import DataConfig, from_dict
+    from pipeline.config import DataConfig
+    from pipeline.typed_yaml import from_dict
     from pipeline.prepare import prepare
 
     w = World(tmp_path_factory.mktemp("errors"))

@@ -14,8 +14,8 @@ import yaml
 from lm.config import Recipe, load
 from lm.model import build_model
 from lm.report import yaml_text
-from pipeline.config import field_names, to_dict
 from pipeline.data import read_manifest
+from pipeline.typed_yaml import field_names, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))

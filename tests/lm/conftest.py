@@ -78,7 +78,8 @@ def toy_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def toy_prepared(toy_corpus: Path) -> Path:
     """The toy corpus through ``pipeline.prepare`` (word tokenizer), once per session. Read-only:
     recipes made by ``toy_recipe`` point here and get a cache hit."""
-    from pipeline.config import DataConfig, from_dict
+    from pipeline.config import DataConfig
+    from pipeline.typed_yaml import from_dict
     from pipeline.prepare import prepare
 
     out = toy_corpus.parent / "prepared"

@@ -297,7 +297,7 @@ def test_config_keys_reach_the_model_and_are_validated():
     from pathlib import Path
 
     from lm.config import Recipe
-    from pipeline.config import from_dict
+    from pipeline.typed_yaml import from_dict
     from pipeline.errors import UserError
 
     with pytest.raises(UserError, match=r"^model.weight_drop=1.0: must be < 1$"):  # ranges: checked generically

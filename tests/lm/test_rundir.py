@@ -17,8 +17,9 @@ import pytest
 
 from lm import rundir
 from lm.config import Recipe
-from pipeline.config import DataConfig, SourceConfig, field_names, to_dict
+from pipeline.config import DataConfig, SourceConfig
 from pipeline.errors import UserError
+from pipeline.typed_yaml import field_names, to_dict
 
 RECIPE = to_dict(Recipe(data=DataConfig(source=SourceConfig(dir=Path("corpus")))))
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ LINES = ["a b c", "d e", "f g h i", "j", "k l m n o"]
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.config import DataConfig, from_dict
+    from pipeline.config import DataConfig
+    from pipeline.typed_yaml import from_dict
     from pipeline.prepare import prepare
 
     root = tmp_path_factory.mktemp("bptt")

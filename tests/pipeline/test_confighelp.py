@@ -8,8 +8,9 @@ import typing
 import pytest
 
 from lm.config import Recipe
-from pipeline.config import DataRecipe, field_names
+from pipeline.config import DataRecipe
 from pipeline.confighelp import KeyDoc, attribute_docs, describe, recipe_help, sections
+from pipeline.typed_yaml import field_names
 
 
 def _leaf_keys(cls: type) -> list[str]:

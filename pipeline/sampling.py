@@ -9,15 +9,55 @@ from __future__ import annotations
 import heapq
 import zlib
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Sampler
 
-__all__ = ["BucketBatchSampler"]
+__all__ = ["BucketBatchSampler", "check_budget", "check_fits"]
 
 Cost = Literal["unpadded", "padded"]
+
+
+def check_budget(batch_size: int | None, max_tokens: int | None, cost: Cost) -> None:
+    """Check a batch budget, as :class:`BucketBatchSampler` and ``StreamBucketBatcher`` take it.
+
+    Args:
+        batch_size: most rows per batch, or ``None``.
+        max_tokens: most tokens per batch, counted by ``cost``, or ``None``.
+        cost: ``"unpadded"`` (sum of lengths) or ``"padded"`` (rows x longest).
+
+    Raises:
+        ValueError: neither limit given, a limit below 1, or another ``cost``.
+    """
+    if batch_size is None and max_tokens is None:
+        raise ValueError("give batch_size, max_tokens, or both")
+    for name, v in (("batch_size", batch_size), ("max_tokens", max_tokens)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if cost not in ("unpadded", "padded"):
+        raise ValueError(f"cost must be 'unpadded' or 'padded', got {cost!r}")
+
+
+def check_fits(lengths: Sequence[int] | np.ndarray, max_tokens: int | None, name: Callable[[int], str]) -> None:
+    """Check that every row fits in a batch on its own: none is longer than ``max_tokens``.
+
+    Args:
+        lengths: the rows' lengths (a list, or a numpy array: checked without a Python loop).
+        max_tokens: the token budget; ``None`` checks nothing.
+        name: what row ``i`` of ``lengths`` is, for the message (``"sequence 3"``).
+
+    Raises:
+        ValueError: naming the first row over the budget.
+    """
+    if max_tokens is None or not len(lengths):
+        return
+    if (lengths.max() if isinstance(lengths, np.ndarray) else max(lengths)) <= max_tokens:
+        return
+    i = next(i for i, n in enumerate(lengths) if n > max_tokens)
+    raise ValueError(f"{name(i)} has {int(lengths[i])} tokens, more than max_tokens={max_tokens}; "
+                     "raise max_tokens or cap long sequences (data.max_len)")
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -105,21 +145,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         if lens.min() < 1:
             bad = np.flatnonzero(lens < 1)
             raise ValueError(f"{bad.size} sequence(s) have length < 1 (first: index {bad[0]}); filter them out first")
-        if batch_size is None and max_tokens is None:
-            raise ValueError("give batch_size, max_tokens, or both")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_tokens is not None:
-            if max_tokens < 1:
-                raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-            longest = int(lens.max())
-            if longest > max_tokens:
-                raise ValueError(
-                    f"sequence {int(lens.argmax())} has {longest} tokens, more than max_tokens={max_tokens}; "
-                    "raise max_tokens or drop long sequences when preparing the data"
-                )
-        if cost not in ("unpadded", "padded"):
-            raise ValueError(f"cost must be 'unpadded' or 'padded', got {cost!r}")
+        check_budget(batch_size, max_tokens, cost)
+        check_fits(lens, max_tokens, lambda i: f"sequence {i}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas=} {rank=}")
 

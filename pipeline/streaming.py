@@ -16,15 +16,15 @@ import bisect
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-__all__ = ["StreamBucketBatcher", "open_stream", "stream_splits", "until_first_rank_ends"]
+from pipeline.sampling import Cost, check_budget, check_fits
 
-Cost = Literal["unpadded", "padded"]
+__all__ = ["StreamBucketBatcher", "open_stream", "stream_splits", "until_first_rank_ends"]
 
 
 class StreamBucketBatcher(IterableDataset):
@@ -119,13 +119,7 @@ class StreamBucketBatcher(IterableDataset):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        if batch_size is None and max_tokens is None:
-            raise ValueError("give batch_size, max_tokens, or both")
-        for name, v in (("batch_size", batch_size), ("max_tokens", max_tokens)):
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if cost not in ("unpadded", "padded"):
-            raise ValueError(f"cost must be 'unpadded' or 'padded', got {cost!r}")
+        check_budget(batch_size, max_tokens, cost)
         if buffer_size < 1 or num_bins < 1 or bin_sample < 1:
             raise ValueError(f"buffer_size, num_bins, bin_sample must be >= 1, got {buffer_size}, {num_bins}, {bin_sample}")
         if bins is not None and (not len(bins) or list(bins) != sorted(set(bins))):
@@ -339,9 +333,7 @@ class _Pass:
                 raise KeyError(f"stream item {first + missing * self.num_shards} has no field {key!r} "
                                f"(its fields: {', '.join(map(str, chunk[missing]))}); pass key=")
             lengths = [len(r[key]) if isinstance(r, dict) else len(r) for r in chunk]
-        if b.max_tokens is not None and max(lengths) > b.max_tokens:
-            j = next(j for j, n in enumerate(lengths) if n > b.max_tokens)
-            raise ValueError(f"stream item {first + j * self.num_shards} has {lengths[j]} tokens, more than max_tokens={b.max_tokens}")
+        check_fits(lengths, b.max_tokens, lambda j: f"stream item {first + j * self.num_shards}")
         if ids is None or self.edges is None:
             for n, row in zip(lengths, chunk):
                 self._add(n, row)

@@ -136,9 +136,10 @@ def rekey_prepared(lay: Layout) -> str:
     Raises:
         RuntimeError: the staged raw files are not the ones the data was prepared from.
     """
-    from pipeline.config import load_data_config, to_dict
+    from pipeline.config import load_data_config
     from pipeline.data import MANIFEST, read_manifest
-    from pipeline.prepare import _fingerprint  # the cache key, as prepare computes it
+    from pipeline.prepare import fingerprint  # the cache key, as prepare computes it
+    from pipeline.typed_yaml import to_dict
 
     cfg = load_data_config(RECIPE, lay.data_overrides())
     manifest = read_manifest(cfg.output)
@@ -151,7 +152,7 @@ def rekey_prepared(lay: Layout) -> str:
         if sha != src["sha256"]:
             raise RuntimeError(f"{here} is not the file {cfg.output} was prepared from; run --stage again")
         sources.append({**src, "path": str(here)})
-    fp = _fingerprint(cfg, sources)
+    fp = fingerprint(cfg, sources)
     if fp == manifest["fingerprint"]:
         return "prepared data: cache hit as is"
     manifest.update(fingerprint=fp, sources=sources, data=to_dict(cfg))

@@ -1,7 +1,7 @@
 """Ingestion: ``python -m pipeline.prepare RECIPE [key=value ...] [--force]``.
 
-source (hub id or local files, through ``datasets``)
-  → tokenizer (trained on train, streamed, or loaded; through ``tokenizers``)
+source (hub id or local files, through ``datasets``: ``pipeline/sources.py``)
+  → tokenizer (trained on train, streamed, or loaded; through ``tokenizers``: ``pipeline/tokenizer.py``)
   → ``<bos> ids <eos>`` per sequence + a ``length`` column (Arrow kernels and
     ``encode_batch_fast`` on Arrow chunks, ``pipeline/fast_word.py``; ``Dataset.map`` with num_proc > 1)
   → ``data.output/{train,validation,test}/`` (memory-mappable Arrow),
@@ -20,87 +20,28 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import SPLITS, DataConfig, load_data_config, to_dict
+from pipeline.config import SPLITS, DataConfig, load_data_config
 from pipeline.data import MANIFEST, TokenDataset
 from pipeline.errors import ArgumentParser, UserError, cli
+from pipeline.sources import LocalSplit, load_splits, local_splits
+from pipeline.tokenizer import build_tokenizer, special_ids
+from pipeline.typed_yaml import to_dict
+
+_special_ids = special_ids  # TEMP: lm/train.py and lm/batches.py switch to pipeline.tokenizer.special_ids
 
 FORMAT_VERSION = 1
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3: <pad> = 0 is the notebook's pad id
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
-_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
-_TEXT_FORMATS = {"text", "json", "csv"}  # read as UTF-8 text: validated before loading
 
 
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass
-class _LocalSplit:
-    builder: str  # datasets' packaged builder: text | json | csv | parquet
-    files: list[Path]
-
-
-def _local_splits(cfg: DataConfig) -> dict[str, _LocalSplit]:
-    """Map each split to its files, from ``source.dir`` or ``source.files``."""
-    src = cfg.source
-    found: dict[str, list[Path]] = {}
-    if src.dir is not None:
-        if not src.dir.is_dir():
-            raise UserError(f"data.source.dir: no such folder: {src.dir}")
-        try:
-            listing = sorted(src.dir.iterdir())
-        except OSError as e:
-            raise UserError(f"data.source.dir: cannot read {src.dir} ({e.strerror})") from None
-        for split, stems in _SPLIT_STEMS.items():
-            hits = [p for p in listing if p.is_file() and p.stem in stems and p.suffix in _BUILDERS]
-            if len(hits) > 1:
-                raise UserError(f"{src.dir}: more than one {split} file ({', '.join(p.name for p in hits)})")
-            if hits:
-                found[split] = hits
-        if "train" not in found:
-            raise UserError(
-                f"{src.dir}: no train file (expected train.txt, .jsonl, .json, .csv or .parquet; "
-                f"found {', '.join(p.name for p in listing) or 'nothing'})"
-            )
-    else:
-        seen: dict[Path, str] = {}
-        for split in SPLITS:
-            files = getattr(src.files, split)
-            for f in files:
-                if not f.is_file():
-                    raise UserError(f"data.source.files.{split}: no such file: {f}")
-                real = f.resolve()
-                if real in seen:  # the same text twice would silently weigh it double (or leak it into evaluation)
-                    where = f"twice in data.source.files.{split}" if seen[real] == split else \
-                        f"in data.source.files.{seen[real]} and data.source.files.{split}"
-                    raise UserError(f"{f} is listed {where}; list each file once")
-                seen[real] = split
-            if files:
-                found[split] = files
-    out = {}
-    for split, files in found.items():
-        if all(f.stat().st_size == 0 for f in files):  # datasets' own message for this is cryptic
-            raise UserError(f"empty corpus: the {split} split's {'files are' if len(files) > 1 else 'file is'} empty ({', '.join(map(str, files))})")
-        kinds = {_BUILDERS.get(f.suffix) for f in files}
-        if None in kinds:
-            bad = next(f for f in files if f.suffix not in _BUILDERS)
-            raise UserError(f"{bad}: unsupported file type {bad.suffix!r} (use .txt, .jsonl, .json, .csv or .parquet)")
-        if len(kinds) > 1:
-            raise UserError(f"data.source: the {split} files mix formats ({', '.join(sorted(kinds))})")
-        out[split] = _LocalSplit(kinds.pop(), files)
-    return out
+# --------------------------------------------------------------------------- source files
 
 
 def _fingerprint_file(path: Path, validate_utf8: bool) -> dict:
@@ -141,174 +82,6 @@ def _describe_bad_utf8(path: Path) -> str:
                     "fix the file or set data.errors=replace"
                 )
     return f"{path}: invalid UTF-8 (truncated multi-byte character at the end); fix the file or set data.errors=replace"
-
-
-def _check_hub(repo: str) -> None:
-    """Fail fast, with a way out, when the hub cannot be reached."""
-    how = (
-        "Without hub access, use local files: data.source.dir=FOLDER (holding train.txt, valid.txt, test.txt) "
-        "or data.source.files.train=FILE"
-    )
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"HF_HUB_OFFLINE is set, so {repo} cannot be downloaded. {how}")
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError as e:
-        raise UserError(f"cannot reach the Hugging Face hub ({host}: {e.strerror or e}) to load {repo}. {how}") from None
-
-
-def _load_splits(cfg: DataConfig, local: dict[str, _LocalSplit] | None, cache_dir: Path) -> dict:
-    """Load each available split as a ``datasets.Dataset`` (arrow-backed, memory-mapped)."""
-    import datasets
-
-    errors = "replace" if cfg.errors == "replace" else "strict"
-    out = {}
-    if local is None:
-        _check_hub(cfg.source.hub)
-        try:
-            # the hub download goes to the user's HF cache, so the next build does not fetch it again
-            dd = datasets.load_dataset(cfg.source.hub, cfg.source.name, revision=cfg.source.revision)
-        except Exception as e:  # the hub raises many types; all mean "could not load"
-            raise UserError(f"could not load {cfg.source.hub} ({cfg.source.name}): {str(e).splitlines()[0]}") from None
-        for split, stems in _SPLIT_STEMS.items():
-            name = next((s for s in stems if s in dd), None)
-            if name:
-                out[split] = dd[name]
-        if "train" not in out:
-            raise UserError(f"{cfg.source.hub} has no train split (has: {', '.join(dd)})")
-        return out
-    for split, src in local.items():
-        if src.builder == "text" and cfg.mode == "line" and errors == "strict":
-            # the lines datasets' text loader gives, split in Arrow kernels (pipeline/fast_word.py)
-            from pipeline import fast_word
-
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            out[split] = fast_word.load_text_lines(src.files, cache_dir / f"lines-{split}.arrow")
-            continue
-        kwargs: dict = {}
-        if src.builder == "text":
-            kwargs = {"encoding": "utf-8-sig", "encoding_errors": errors, "sample_by": "line" if cfg.mode == "line" else "paragraph"}
-        elif src.builder in ("csv", "json"):
-            kwargs = {"encoding": "utf-8-sig", "encoding_errors": errors}
-        try:
-            ds = datasets.load_dataset(
-                src.builder, data_files={split: [str(f) for f in src.files]}, split=split, cache_dir=str(cache_dir), **kwargs
-            )
-        except Exception as e:  # malformed json/csv/parquet: datasets wraps the parser's error
-            cause = e.__cause__ or e
-            raise UserError(f"could not read {', '.join(map(str, src.files))}: {str(cause).splitlines()[0]}") from None
-        out[split] = ds
-    return out
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _build_tokenizer(cfg: DataConfig, train, text_column: str, quiet: bool = False):
-    """Train the configured tokenizer on the train split, streamed in batches, or load one."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from tqdm.auto import tqdm
-
-    tc = cfg.tokenizer
-    if tc.path is not None:
-        if not tc.path.is_file():
-            raise UserError(f"data.tokenizer.path: no such file: {tc.path}")
-        try:
-            tok = Tokenizer.from_file(str(tc.path))
-        except Exception as e:
-            raise UserError(f"{tc.path}: not a tokenizers tokenizer.json ({e})") from None
-        _special_ids(tok, where=str(tc.path))
-        _check_unknown_token(tok, where=str(tc.path))
-        return tok
-
-    if tc.kind == "word" and not (tc.nfkc or tc.lowercase):
-        # the same tokenizer WordLevelTrainer makes, counted on Arrow buffers (pipeline/fast_word.py)
-        from pipeline import fast_word
-
-        counts = fast_word.count_dataset_words(train, text_column)
-        words = fast_word.word_vocab(counts, SPECIALS, tc.vocab_size, tc.min_frequency)
-        return fast_word.word_tokenizer(words, SPECIALS, unk="<unk>")
-    norms = ([normalizers.NFKC()] if tc.nfkc else []) + ([normalizers.Lowercase()] if tc.lowercase else [])
-    big = 1 << 30  # "keep every type"
-    common = {"min_frequency": tc.min_frequency, "special_tokens": list(SPECIALS), "show_progress": False}
-    if tc.kind == "word":
-        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        trainer = trainers.WordLevelTrainer(vocab_size=tc.vocab_size or big, **common)
-    elif tc.kind == "char":
-        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        tok.decoder = decoders.Fuse()
-        trainer = trainers.WordLevelTrainer(vocab_size=tc.vocab_size or big, **common)
-    elif tc.kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        trainer = trainers.BpeTrainer(vocab_size=tc.vocab_size or 8000, **common)
-    elif tc.kind == "bytelevel":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=tc.vocab_size or 8000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common
-        )
-    else:  # unigram
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-        common.pop("min_frequency")
-        trainer = trainers.UnigramTrainer(vocab_size=tc.vocab_size or 8000, unk_token="<unk>", **common)
-    if norms:
-        tok.normalizer = normalizers.Sequence(norms)
-
-    def batches():
-        # streamed from the memory-mapped train split: never one giant Python string
-        for start in range(0, len(train), cfg.batch_size):
-            yield [t if t is not None else "" for t in train[start : start + cfg.batch_size][text_column]]
-
-    n = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    it = tqdm(batches(), total=n, desc=f"train {tc.kind} tokenizer", unit="batch", disable=True if quiet else None)
-    tok.train_from_iterator(it, trainer=trainer, length=len(train))
-    if tc.kind in ("word", "char"):
-        tok = _renumber_word_level(tok)
-    return tok
-
-
-def _renumber_word_level(tok):
-    """Give a trained word-level vocabulary contiguous ids with the specials first.
-
-    ``WordLevelTrainer`` counts a special token that also occurs in the text (WikiText's
-    literal ``<unk>``) as a word too, which moves it and leaves a hole in the ids.
-    """
-    from tokenizers import AddedToken, Tokenizer, models
-
-    vocab = tok.get_vocab(with_added_tokens=False)
-    words = sorted((i, w) for w, i in vocab.items() if w not in SPECIALS)
-    new = Tokenizer(models.WordLevel({**{s: i for i, s in enumerate(SPECIALS)}, **{w: len(SPECIALS) + k for k, (_, w) in enumerate(words)}}, unk_token="<unk>"))
-    new.normalizer, new.pre_tokenizer, new.decoder = tok.normalizer, tok.pre_tokenizer, tok.decoder
-    new.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    return new
-
-
-def _check_unknown_token(tok, where: str) -> None:
-    """A word-level (or WordPiece) model must hold its unknown token, or the first word
-    outside its vocabulary fails deep inside the encoder."""
-    model = json.loads(tok.to_str())["model"]
-    unk = model.get("unk_token")
-    if model.get("type") in ("WordLevel", "WordPiece") and (unk is None or tok.token_to_id(unk) is None):
-        raise UserError(f"{where}: the tokenizer's unknown token {unk!r} is not in its vocabulary, so words outside "
-                        f"it cannot be encoded; add it (e.g. <unk>) to the vocabulary")
-
-
-def _special_ids(tok, where: str) -> dict[str, int]:
-    ids = {s: tok.token_to_id(s) for s in SPECIALS}
-    missing = [s for s in ("<pad>", "<bos>", "<eos>") if ids[s] is None]
-    if missing:
-        raise UserError(f"{where}: the tokenizer lacks the special tokens {', '.join(missing)}")
-    if ids["<pad>"] != 0:
-        raise UserError(f"{where}: <pad> must have id 0 (it has {ids['<pad>']})")
-    if ids["<pad>"] == ids["<eos>"]:
-        raise UserError(f"{where}: <pad> and <eos> share id {ids['<pad>']}")
-    return ids
 
 
 # --------------------------------------------------------------------------- encoding
@@ -436,7 +209,17 @@ def _split_stats(ds: TokenDataset, unk_id: int | None, overflow: str, over: int)
 NOT_WHAT = ("output", "num_proc", "batch_size", "stream")
 
 
-def _fingerprint(cfg: DataConfig, sources: list[dict]) -> str:
+def fingerprint(cfg: DataConfig, sources: list[dict]) -> str:
+    """The cache key of a prepared folder: what it holds and what it was made from.
+
+    Args:
+        cfg: the ``data:`` section (its :data:`NOT_WHAT` keys left out).
+        sources: the manifest's ``sources``: each local file's path, size and sha256 (or
+            the hub id, name and revision), and a loaded tokenizer's sha256.
+
+    Returns:
+        16 hex digits, stored as the manifest's ``fingerprint``.
+    """
     data = to_dict(cfg)
     for k in NOT_WHAT:
         data.pop(k)
@@ -458,12 +241,12 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
     out = cfg.output
-    local = None if cfg.source.hub else _local_splits(cfg)
+    local = None if cfg.source.hub else local_splits(cfg)
     if local is None:
         sources = [{"hub": cfg.source.hub, "name": cfg.source.name, "revision": cfg.source.revision}]
     else:
         sources = [
-            {"split": s, **_fingerprint_file(f, validate_utf8=cfg.errors == "strict" and src.builder in _TEXT_FORMATS)}
+            {"split": s, **_fingerprint_file(f, validate_utf8=cfg.errors == "strict" and src.is_text)}
             for s, src in local.items()
             for f in src.files
         ]
@@ -473,7 +256,7 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
         except OSError as e:
             raise UserError(f"data.tokenizer.path: cannot read {cfg.tokenizer.path} ({e.strerror})") from None
         sources.append({"tokenizer": str(cfg.tokenizer.path), "sha256": digest})
-    fp = _fingerprint(cfg, sources)
+    fp = fingerprint(cfg, sources)
 
     _recover_interrupted_swap(out)
     if out.exists():
@@ -507,13 +290,13 @@ def prepare(cfg: DataConfig, *, force: bool = False, quiet: bool = False) -> dic
     return manifest
 
 
-def _build(cfg: DataConfig, local: dict | None, tmp: Path, sources: list[dict], fp: str, say, quiet: bool) -> dict:
+def _build(cfg: DataConfig, local: dict[str, LocalSplit] | None, tmp: Path, sources: list[dict], fp: str, say, quiet: bool) -> dict:
     import datasets
 
     if quiet:
         datasets.disable_progress_bars()
     cache = tmp / ".cache"
-    splits = _load_splits(cfg, local, cache)
+    splits = load_splits(cfg, local=local, cache_dir=cache)
     col = cfg.text_column
     for split, ds in splits.items():
         if col not in ds.column_names:
@@ -531,8 +314,8 @@ def _build(cfg: DataConfig, local: dict | None, tmp: Path, sources: list[dict], 
         splits["train"], splits["validation"] = parts["train"], parts["test"]
         say(f"no validation split: held out {len(splits['validation']):,} train sequences ({cfg.holdout:.0%}, seed {cfg.seed})")
 
-    tokenizer = _build_tokenizer(cfg, splits["train"], col, quiet)
-    ids = _special_ids(tokenizer, where="tokenizer")
+    tokenizer = build_tokenizer(cfg, splits["train"], col, quiet)
+    ids = special_ids(tokenizer, where="tokenizer")
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     if max(tokenizer.get_vocab().values()) != vocab_size - 1:  # the embedding is sized by vocab_size
         raise UserError(f"tokenizer ids are not contiguous (max id {max(tokenizer.get_vocab().values())}, {vocab_size} tokens)")

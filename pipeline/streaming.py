@@ -610,8 +610,8 @@ def stream_splits(cfg, tokenizer=None, *, sample_lines: int | None = None) -> di
 
     Args:
         cfg: the recipe's ``data:`` section (``pipeline.config.DataConfig``); its
-            ``source`` is a hub id or local files, ``text_column``, ``mode``, ``errors``
-            and ``tokenizer`` are honoured. ``max_len``/``overflow`` apply per row
+            ``source`` (a hub id or local files, read by ``pipeline.sources``),
+            ``text_column``, ``mode``, ``errors`` and ``tokenizer`` are honoured. ``max_len``/``overflow`` apply per row
             (``split`` windows overlap by one id, as in ``pipeline.prepare``).
         tokenizer: a ``tokenizers.Tokenizer``; ``None`` loads ``cfg.tokenizer.path`` or,
             if that is unset, trains ``cfg.tokenizer`` on the first ``sample_lines``
@@ -636,27 +636,10 @@ def open_stream(cfg, tokenizer=None, *, sample_lines: int | None = None):
     import datasets
 
     from pipeline.errors import UserError
-    from pipeline.prepare import _SPLIT_STEMS, _build_tokenizer, _check_hub, _local_splits, _special_ids
+    from pipeline.sources import load_splits
+    from pipeline.tokenizer import build_tokenizer, special_ids
 
-    if cfg.source.hub:
-        _check_hub(cfg.source.hub)
-        try:
-            dd = datasets.load_dataset(cfg.source.hub, cfg.source.name, revision=cfg.source.revision, streaming=True)
-        except Exception as e:  # the hub raises many types; all mean "could not load"
-            raise UserError(f"could not stream {cfg.source.hub} ({cfg.source.name}): {str(e).splitlines()[0]}") from None
-        raw = {split: dd[name] for split, stems in _SPLIT_STEMS.items() for name in stems if name in dd}
-    else:
-        raw = {}
-        for split, src in _local_splits(cfg).items():
-            kwargs: dict = {"encoding": "utf-8-sig", "encoding_errors": "replace" if cfg.errors == "replace" else "strict"}
-            if src.builder == "text":
-                kwargs["sample_by"] = "line" if cfg.mode == "line" else "paragraph"
-            elif src.builder == "parquet":
-                kwargs = {}
-            raw[split] = datasets.load_dataset(src.builder, data_files={split: [str(f) for f in src.files]}, split=split,
-                                               streaming=True, **kwargs)
-    if "train" not in raw:
-        raise UserError("the streamed source has no train split")
+    raw = load_splits(cfg, streaming=True)
     col = cfg.text_column
     if tokenizer is None:
         if cfg.tokenizer.path is None:
@@ -664,10 +647,10 @@ def open_stream(cfg, tokenizer=None, *, sample_lines: int | None = None):
             if first and col not in first[0]:
                 raise UserError(f"the train stream has no column {col!r} (columns: {', '.join(first[0])}); set data.text_column")
             sample = datasets.Dataset.from_dict({col: [r[col] for r in first]})
-            tokenizer = _build_tokenizer(cfg, sample, col, quiet=True)
+            tokenizer = build_tokenizer(cfg, sample, col, quiet=True)
         else:
-            tokenizer = _build_tokenizer(cfg, None, col, quiet=True)
-    ids = _special_ids(tokenizer, where="tokenizer")
+            tokenizer = build_tokenizer(cfg, None, col, quiet=True)
+    ids = special_ids(tokenizer, where="tokenizer")
     encode = _StreamEncoder(tokenizer, col, ids["<bos>"], ids["<eos>"], cfg.max_len, cfg.overflow)
     # every source column goes: a row may become several (overflow=split), which other columns could not follow
     out = {split: ds.map(encode, batched=True, batch_size=cfg.batch_size, remove_columns=list(ds.column_names or [col]))

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from pipeline import fast_word
 from pipeline.config import load_data_config
 from pipeline.data import TokenDataset
-from pipeline.prepare import SPECIALS, _renumber_word_level, prepare
+from pipeline.prepare import prepare
+from pipeline.tokenizer import SPECIALS, renumber_word_level
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Rust's char::is_whitespace (Unicode White_Space), which WhitespaceSplit splits on
@@ -44,7 +45,7 @@ def reference_tokenizer(lines: list[str], vocab_size: int | None = None, min_fre
         vocab_size=vocab_size or 1 << 30, min_frequency=min_frequency, special_tokens=list(SPECIALS), show_progress=False
     )
     tok.train_from_iterator([lines], trainer=trainer)
-    return _renumber_word_level(tok)
+    return renumber_word_level(tok)
 
 
 def reference_rows(tok: Tokenizer, lines: list[str]) -> list[list[int]]:

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models
 
 import pipeline.prepare as prep
-from pipeline.config import to_dict
 from pipeline.data import TokenDataset
 from pipeline.errors import UserError
 from pipeline.prepare import prepare
+from pipeline.typed_yaml import to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -508,7 +508,7 @@ def _boom(*args, **kwargs):
     raise RuntimeError("boom")
 
 
-@pytest.mark.parametrize("where", ["_split_stats", "_build_tokenizer", "summary_table"])
+@pytest.mark.parametrize("where", ["_split_stats", "build_tokenizer", "summary_table"])
 def test_a_failed_build_leaves_nothing(tmp_path, data_cfg, monkeypatch, where):
     write(tmp_path / "src", {"train.txt": "a b\n", "valid.txt": "a\n"})
     monkeypatch.setattr(prep, where, _boom)
@@ -723,7 +723,7 @@ def test_hub_source_unreachable_says_how_to_use_local_files(tmp_path, monkeypatc
         assert address == ("huggingface.co", 443) and timeout <= 10
         raise OSError(101, "Network is unreachable")
 
-    monkeypatch.setattr(prep.socket, "create_connection", unreachable)
+    monkeypatch.setattr("socket.create_connection", unreachable)
     message = user_error(prepare, _hub_cfg(tmp_path), quiet=True)
     assert message == f"cannot reach the Hugging Face hub (huggingface.co: Network is unreachable) to load Salesforce/wikitext. {HOW}"
     assert not (tmp_path / "out").exists()

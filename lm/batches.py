@@ -29,9 +29,9 @@ from lm.config import Recipe, TrainConfig
 from lm.distributed import Dist
 from pipeline.bptt import StreamWindows
 from pipeline.collate import PackedBatch, PackedCollator
-from pipeline.config import to_dict
 from pipeline.data import TokenDataset, make_loader, read_manifest
 from pipeline.errors import UserError
+from pipeline.typed_yaml import to_dict
 
 
 class BatchSource(Protocol):
@@ -246,7 +246,7 @@ def open_splits(recipe: Recipe, d: Dist, pin: bool) -> tuple[dict[str, BatchSour
 
 
 def _open_streamed(recipe: Recipe, d: Dist, pin: bool) -> tuple[dict[str, BatchSource], dict[str, Any]]:
-    from pipeline.prepare import _special_ids
+    from pipeline.tokenizer import special_ids
     from pipeline.streaming import open_stream
 
     cfg = recipe.train
@@ -261,7 +261,7 @@ def _open_streamed(recipe: Recipe, d: Dist, pin: bool) -> tuple[dict[str, BatchS
                                     buffer_size=recipe.data.stream.buffer_size) for name, r in rows.items()}
     data = json.dumps(to_dict(recipe.data), sort_keys=True, default=str)
     meta = {Key.TOKENIZER: tokenizer.to_str(),
-            Key.SPECIAL_IDS: {k.strip("<>"): v for k, v in _special_ids(tokenizer, "tokenizer").items()},
+            Key.SPECIAL_IDS: {k.strip("<>"): v for k, v in special_ids(tokenizer, "tokenizer").items()},
             Key.VOCAB_SIZE: tokenizer.get_vocab_size(),
             Key.DATA_FINGERPRINT: hashlib.sha256(data.encode()).hexdigest()[:16]}
     return splits, meta

@@ -61,8 +61,8 @@ from lm.resume import load_best, restore, save_best, save_step
 from lm.runtime import tune_allocator
 from lm.schedule import LRSchedule, teacher_forcing_ratio
 from pipeline.collate import PackedBatch
-from pipeline.config import to_dict
 from pipeline.errors import ArgumentParser, UserError, cli
+from pipeline.typed_yaml import to_dict
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
 # Under DDP the ranks agree on stopping and on the clock every this many steps (one

@@ -20,12 +20,12 @@ object per word. The result is the tokenizer ``tokenizers`` would train (the sam
   cuts the list at ``vocab_size``, then drops words equal to a special (which so still
   take a slot: tested against the trainer).
 
-Not covered (``pipeline.prepare`` then uses ``tokenizers`` throughout): a normalizer
-(``lowercase``, ``nfkc``), other pre-tokenizers or models.
+Not covered (``pipeline.prepare`` then uses ``tokenizers`` throughout, through
+:class:`pipeline.encode.Encoder`): a normalizer (``lowercase``, ``nfkc``), other
+pre-tokenizers or models. :func:`encode_dataset` writes the rows of either encoder.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import weakref
@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.encode import Encoder, frame
 
 # the only characters utf8_split_whitespace splits on that Rust's char::is_whitespace does not;
 # ASCII, so in UTF-8 they are single bytes that never occur inside a multi-byte character
@@ -225,8 +227,9 @@ def word_tokenizer(words: Sequence[str], specials: Sequence[str], unk: str):
 # --------------------------------------------------------------------------- encoding
 
 
-class WordEncoder:
-    """Encode text to ``<bos> ids <eos>`` rows exactly as a WordLevel tokenizer would.
+class WordEncoder(Encoder):
+    """:class:`pipeline.encode.Encoder` for a WordLevel tokenizer, its :meth:`encode_arrow`
+    in Arrow kernels: the same rows, no Python object per word.
 
     Args:
         tokenizer: a ``tokenizers.Tokenizer``; see :func:`supports`.
@@ -234,9 +237,9 @@ class WordEncoder:
     """
 
     def __init__(self, tokenizer, bos: int, eos: int) -> None:
+        super().__init__(tokenizer, bos, eos)
         spec = json.loads(tokenizer.to_str())
         vocab = spec["model"]["vocab"]
-        self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
         self.unk = vocab[spec["model"]["unk_token"]]
         words = sorted(vocab, key=vocab.get)
         if [vocab[w] for w in words] != list(range(len(words))):  # index_in gives positions: ids must be 0..n-1
@@ -269,7 +272,7 @@ class WordEncoder:
             odd |= exact & (dict_ids != tid)
         return np.flatnonzero(odd)
 
-    def encode(self, text: pa.Array, words: pa.ListArray | None = None) -> pa.ListArray:
+    def encode_arrow(self, text: pa.Array, words: pa.ListArray | None = None) -> pa.ListArray:
         """``<bos> ids <eos>`` for every row of a string array (nulls read as ``""``).
 
         Args:
@@ -306,15 +309,14 @@ class WordEncoder:
         odd = self._odd_words(dictionary, dict_ids)
         if len(odd):
             odd_rows.update(np.unique(rows_of(np.isin(indices, odd))).tolist())
-        out = _frame(word_ids, n_words, self.bos, self.eos)
+        out = frame(word_ids, n_words, self.bos, self.eos)
         if odd_rows:
             out = self._replace_rows(out, text, sorted(odd_rows))
         return out
 
     def _replace_rows(self, out: pa.ListArray, text: pa.Array, rows: list[int]) -> pa.ListArray:
         """Re-encode ``rows`` with the tokenizer itself and splice them into ``out``."""
-        encoded = self.tokenizer.encode_batch([text[i].as_py() for i in rows], add_special_tokens=False)
-        fixed = dict(zip(rows, ([self.bos, *e.ids, self.eos] for e in encoded)))
+        fixed = dict(zip(rows, self.encode([text[i].as_py() for i in rows])))
         offsets = out.offsets.to_numpy()
         values = out.values.to_numpy()
         pieces, lengths, start = [], np.diff(offsets).astype(np.int64), 0
@@ -327,43 +329,7 @@ class WordEncoder:
         return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(np.concatenate(pieces), pa.int32()))
 
 
-class TokenizerEncoder:
-    """Encode text to ``<bos> ids <eos>`` rows with any ``tokenizers.Tokenizer``, Arrow in and out.
-
-    ``encode_batch_fast`` over a whole chunk (its Rust threads share the work), the ids
-    gathered straight into one numpy buffer: no ``Dataset.map`` batch of Python lists to
-    convert back to Arrow.
-    """
-
-    def __init__(self, tokenizer, bos: int, eos: int) -> None:
-        self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
-        self.encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-
-    def encode(self, text: pa.Array) -> pa.ListArray:
-        """``<bos> ids <eos>`` for every row of a string array (nulls read as ``""``)."""
-        text = pc.fill_null(text, "") if text.null_count else text
-        lines, ids = text.to_pylist(), []
-        for s in range(0, len(lines), 8192):  # Encoding objects are heavy (tokens, offsets): few alive at once
-            ids += [e.ids for e in self.encode_batch(lines[s : s + 8192], add_special_tokens=False)]
-        n_words = np.fromiter(map(len, ids), np.int64, len(ids))
-        word_ids = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(n_words.sum()))
-        return _frame(word_ids, n_words, self.bos, self.eos)
-
-
-def _frame(word_ids: np.ndarray, n_words: np.ndarray, bos: int, eos: int) -> pa.ListArray:
-    """Consecutive rows of ``n_words`` word ids each, with ``bos`` before and ``eos`` after each row."""
-    offsets = np.zeros(len(n_words) + 1, np.int64)
-    np.cumsum(n_words + 2, out=offsets[1:])
-    values = np.empty(int(offsets[-1]), np.int32)
-    is_word = np.ones(len(values), bool)
-    is_word[offsets[:-1]] = is_word[offsets[1:] - 1] = False
-    values[offsets[:-1]] = bos
-    values[offsets[1:] - 1] = eos
-    values[is_word] = word_ids  # a boolean scatter: no index array per word
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-
-
-def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, rows: int | None = None):
+def encode_dataset(ds, column: str, encoder: Encoder, features, path: Path, rows: int | None = None):
     """Encode a ``datasets.Dataset`` chunk by chunk into an Arrow file; return it memory-mapped.
 
     The rows are written as they are made (datasets' own ``ArrowWriter``, the format
@@ -372,7 +338,8 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
     Args:
         ds: the split (its text column is read as Arrow, never as Python strings).
         column: the text column.
-        encoder: a :class:`WordEncoder` or :class:`TokenizerEncoder`.
+        encoder: a :class:`pipeline.encode.Encoder` (a :class:`WordEncoder` reuses the
+            words :func:`count_dataset_words` split, if it counted this dataset).
         features: the output ``datasets.Features`` (``input_ids``, ``length``).
         path: the Arrow file to write.
 
@@ -384,7 +351,7 @@ def encode_dataset(ds, column: str, encoder: WordEncoder, features, path: Path, 
 
     id_type = features["input_ids"].feature.pa_type
     def table(item: tuple[pa.Array, pa.ListArray | None]) -> pa.Table:
-        ids = encoder.encode(*item) if isinstance(encoder, WordEncoder) else encoder.encode(item[0])
+        ids = encoder.encode_arrow(*item) if isinstance(encoder, WordEncoder) else encoder.encode_arrow(item[0])
         lengths = pc.list_value_length(ids).cast(pa.int32())
         return pa.table({"input_ids": pa.ListArray.from_arrays(ids.offsets, ids.values.cast(id_type)), "length": lengths})
 

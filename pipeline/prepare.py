@@ -2,8 +2,9 @@
 
 source (hub id or local files, through ``datasets``: ``pipeline/sources.py``)
   → tokenizer (trained on train, streamed, or loaded; through ``tokenizers``: ``pipeline/tokenizer.py``)
-  → ``<bos> ids <eos>`` per sequence + a ``length`` column (Arrow kernels and
-    ``encode_batch_fast`` on Arrow chunks, ``pipeline/fast_word.py``; ``Dataset.map`` with num_proc > 1)
+  → ``<bos> ids <eos>`` per sequence, ``data.max_len`` applied, + a ``length`` column
+    (``pipeline/encode.py``: Arrow kernels and ``encode_batch_fast`` on Arrow chunks,
+    ``pipeline/fast_word.py``; ``Dataset.map`` with num_proc > 1)
   → ``data.output/{train,validation,test}/`` (memory-mappable Arrow),
     ``tokenizer.json`` and ``manifest.json``.
 
@@ -30,12 +31,13 @@ import pyarrow as pa
 
 from pipeline.config import SPLITS, DataConfig, load_data_config
 from pipeline.data import MANIFEST, TokenDataset
+from pipeline.encode import Encoder, apply_max_len
 from pipeline.errors import ArgumentParser, UserError, cli
 from pipeline.sources import LocalSplit, load_splits, local_splits
 from pipeline.tokenizer import build_tokenizer, special_ids
 from pipeline.typed_yaml import to_dict
 
-_special_ids = special_ids  # TEMP: lm/train.py and lm/batches.py switch to pipeline.tokenizer.special_ids
+_special_ids = special_ids  # TEMP: lm/batches.py (was lm/train.py) switches to pipeline.tokenizer.special_ids
 
 FORMAT_VERSION = 1
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
@@ -87,57 +89,38 @@ def _describe_bad_utf8(path: Path) -> str:
 # --------------------------------------------------------------------------- encoding
 
 
-class _Encoder:
-    """``Dataset.map`` function: text → ``<bos> ids <eos>`` and its length (picklable for num_proc)."""
-
-    def __init__(self, tokenizer, text_column: str, bos: int, eos: int) -> None:
-        self.tokenizer, self.text_column, self.bos, self.eos = tokenizer, text_column, bos, eos
-
-    def __call__(self, batch: dict) -> dict:
-        texts = [t if t is not None else "" for t in batch[self.text_column]]
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        ids = [[self.bos, *e.ids, self.eos] for e in encode(texts, add_special_tokens=False)]
-        return {"input_ids": ids, "length": [len(x) for x in ids]}
+def _encode_batch(batch: dict, encoder: Encoder, column: str) -> dict:
+    """``Dataset.map`` function: a batch's texts → rows and their lengths."""
+    rows = encoder.encode(batch[column])
+    return {"input_ids": rows, "length": [len(r) for r in rows]}
 
 
-class _Overflow:
-    """``Dataset.map`` function applying ``data.overflow`` to rows longer than ``max_len``."""
-
-    def __init__(self, max_len: int, policy: str) -> None:
-        self.max_len, self.policy = max_len, policy
-
-    def __call__(self, batch: dict) -> dict:
-        m, out = self.max_len, []
-        for ids in batch["input_ids"]:
-            if len(ids) <= m:
-                out.append(ids)
-            elif self.policy == "truncate":
-                out.append(ids[:m])
-            elif self.policy == "split":
-                # windows overlap by one id: each window's first input is the previous window's
-                # last token, so every token is still predicted exactly once
-                out.extend(ids[s : s + m] for s in range(0, len(ids) - 1, m - 1))
-        return {"input_ids": out, "length": [len(x) for x in out]}
+def _cap_batch(batch: dict, max_len: int, overflow: str) -> dict:
+    """``Dataset.map`` function: a batch's rows with ``data.max_len`` applied."""
+    rows = apply_max_len(batch["input_ids"], max_len, overflow)
+    return {"input_ids": rows, "length": [len(r) for r in rows]}
 
 
 def _encode(cfg: DataConfig, ds, tokenizer, text_column: str, ids: dict, split: str, dtype: str):
+    """A split's rows (``data.max_len`` applied) and how many were over it, before."""
     import datasets
+
+    from pipeline import fast_word
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(dtype)), "length": datasets.Value("int32")})
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= cfg.num_proc * cfg.batch_size else None
-    from pipeline import fast_word
-
-    if fast_word.WordEncoder.supports(tokenizer) or num_proc is None:
+    word_level = fast_word.WordEncoder.supports(tokenizer)
+    encoder = (fast_word.WordEncoder if word_level else Encoder)(tokenizer, ids["<bos>"], ids["<eos>"])
+    if word_level or num_proc is None:
         # word level: split, look up and frame on Arrow buffers, same ids as the tokenizer; else
         # encode_batch_fast on large Arrow chunks, ids straight to numpy (fast_word.py)
-        kind = fast_word.WordEncoder if fast_word.WordEncoder.supports(tokenizer) else fast_word.TokenizerEncoder
-        encoder = kind(tokenizer, ids["<bos>"], ids["<eos>"])
         folder = Path(ds.cache_files[0]["filename"]).parent if ds.cache_files else Path(tempfile.mkdtemp(prefix="rnnlm-encode-"))
         path = folder / f"encoded-{split}-{os.getpid()}-{time.time_ns()}.arrow"
         enc = fast_word.encode_dataset(ds, text_column, encoder, features, path)
     else:
         enc = ds.map(
-            _Encoder(tokenizer, text_column, ids["<bos>"], ids["<eos>"]),
+            _encode_batch,
+            fn_kwargs={"encoder": encoder, "column": text_column},
             batched=True,
             batch_size=cfg.batch_size,
             num_proc=num_proc,
@@ -150,7 +133,8 @@ def _encode(cfg: DataConfig, ds, tokenizer, text_column: str, ids: dict, split: 
     over = int((np.asarray(enc.data.column("length")) > cfg.max_len).sum()) if cfg.max_len else 0
     if over:
         enc = enc.map(
-            _Overflow(cfg.max_len, cfg.overflow),
+            _cap_batch,
+            fn_kwargs={"max_len": cfg.max_len, "overflow": cfg.overflow},
             batched=True,
             batch_size=cfg.batch_size,
             num_proc=num_proc,

@@ -16,13 +16,16 @@ import bisect
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.sampling import Cost, check_budget, check_fits
+
+if TYPE_CHECKING:
+    from pipeline.encode import Encoder
 
 __all__ = ["StreamBucketBatcher", "open_stream", "stream_splits", "until_first_rank_ends"]
 
@@ -605,14 +608,15 @@ def stream_splits(cfg, tokenizer=None, *, sample_lines: int | None = None) -> di
 
     Nothing is written: each split is a Hugging Face ``IterableDataset`` whose rows are
     ``{"input_ids": [<bos>, ids..., <eos>]}`` (the convention of ``pipeline.prepare``),
-    encoded on the fly with ``tokenizers``' ``encode_batch_fast`` in batches of
-    ``cfg.batch_size`` lines. Feed a split to :class:`StreamBucketBatcher`.
+    encoded on the fly by ``pipeline.encode`` (the encoder of ``pipeline.prepare``) in
+    batches of ``cfg.batch_size`` lines. Feed a split to :class:`StreamBucketBatcher`.
 
     Args:
         cfg: the recipe's ``data:`` section (``pipeline.config.DataConfig``); its
             ``source`` (a hub id or local files, read by ``pipeline.sources``),
-            ``text_column``, ``mode``, ``errors`` and ``tokenizer`` are honoured. ``max_len``/``overflow`` apply per row
-            (``split`` windows overlap by one id, as in ``pipeline.prepare``).
+            ``text_column``, ``mode``, ``errors`` and ``tokenizer`` are honoured.
+            ``max_len``/``overflow`` apply per row (``pipeline.encode.apply_max_len``,
+            as in ``pipeline.prepare``).
         tokenizer: a ``tokenizers.Tokenizer``; ``None`` loads ``cfg.tokenizer.path`` or,
             if that is unset, trains ``cfg.tokenizer`` on the first ``sample_lines``
             lines of the train stream.
@@ -635,6 +639,7 @@ def open_stream(cfg, tokenizer=None, *, sample_lines: int | None = None):
     """
     import datasets
 
+    from pipeline.encode import Encoder
     from pipeline.errors import UserError
     from pipeline.sources import load_splits
     from pipeline.tokenizer import build_tokenizer, special_ids
@@ -651,32 +656,17 @@ def open_stream(cfg, tokenizer=None, *, sample_lines: int | None = None):
         else:
             tokenizer = build_tokenizer(cfg, None, col, quiet=True)
     ids = special_ids(tokenizer, where="tokenizer")
-    encode = _StreamEncoder(tokenizer, col, ids["<bos>"], ids["<eos>"], cfg.max_len, cfg.overflow)
+    kwargs = {"encoder": Encoder(tokenizer, ids["<bos>"], ids["<eos>"]), "column": col,
+              "max_len": cfg.max_len, "overflow": cfg.overflow}
     # every source column goes: a row may become several (overflow=split), which other columns could not follow
-    out = {split: ds.map(encode, batched=True, batch_size=cfg.batch_size, remove_columns=list(ds.column_names or [col]))
+    out = {split: ds.map(_stream_rows, fn_kwargs=kwargs, batched=True, batch_size=cfg.batch_size,
+                         remove_columns=list(ds.column_names or [col]))
            for split, ds in raw.items()}
     return out, tokenizer
 
 
-class _StreamEncoder:
-    """``IterableDataset.map`` function: text → ``<bos> ids <eos>`` rows, ``max_len`` applied."""
+def _stream_rows(batch: dict, encoder: Encoder, column: str, max_len: int | None, overflow: str) -> dict:
+    """``IterableDataset.map`` function: a batch's texts → ``<bos> ids <eos>`` rows, ``max_len`` applied."""
+    from pipeline.encode import apply_max_len
 
-    def __init__(self, tokenizer, column: str, bos: int, eos: int, max_len: int | None, overflow: str) -> None:
-        self.tokenizer, self.column, self.bos, self.eos = tokenizer, column, bos, eos
-        self.max_len, self.overflow = max_len, overflow
-
-    def __call__(self, batch: dict) -> dict:
-        texts = [t if t is not None else "" for t in batch[self.column]]
-        rows = [[self.bos, *e.ids, self.eos] for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        m = self.max_len
-        if m is None:
-            return {"input_ids": rows}
-        out = []
-        for ids in rows:
-            if len(ids) <= m:
-                out.append(ids)
-            elif self.overflow == "truncate":
-                out.append(ids[:m])
-            elif self.overflow == "split":  # windows overlap by one id, as in pipeline.prepare
-                out.extend(ids[s : s + m] for s in range(0, len(ids) - 1, m - 1))
-        return {"input_ids": out}
+    return {"input_ids": apply_max_len(encoder.encode(batch[column]), max_len, overflow)}

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models
 
 import pipeline.prepare as prep
 from pipeline.data import TokenDataset
+from pipeline.encode import apply_max_len
 from pipeline.errors import UserError
 from pipeline.prepare import prepare
 from pipeline.typed_yaml import to_dict
@@ -447,11 +448,10 @@ def test_split_windows_overlap_by_one_and_rebuild_the_sequence(tmp_path, data_cf
 @given(st.lists(st.lists(st.integers(4, 50), max_size=40), min_size=1, max_size=6), st.integers(2, 12))
 def test_overflow_split_invariants(bodies, max_len):
     seqs = [[BOS, *b, EOS] for b in bodies]
-    out = prep._Overflow(max_len, "split")({"input_ids": seqs})
-    assert out["length"] == [len(w) for w in out["input_ids"]]
-    assert all(2 <= len(w) <= max_len for w in out["input_ids"])
-    assert sum(len(w) - 1 for w in out["input_ids"]) == sum(len(s) - 1 for s in seqs)
-    rebuilt, windows = [], iter(out["input_ids"])
+    out = apply_max_len(seqs, max_len, "split")
+    assert all(2 <= len(w) <= max_len for w in out)
+    assert sum(len(w) - 1 for w in out) == sum(len(s) - 1 for s in seqs)
+    rebuilt, windows = [], iter(out)
     for s in seqs:  # concatenating a sequence's windows, dropping each overlap, gives it back
         got = next(windows)
         while len(got) < len(s):

@@ -2,7 +2,7 @@
 
 Every key a recipe may hold is a field below, with its default; anything else is
 rejected with the closest valid name. Every number is checked generically (finite, in
-the range its ``num(...)`` metadata gives, ``>= 0`` by default: ``pipeline.config.num``);
+the range its ``num(...)`` metadata gives, ``>= 0`` by default: ``pipeline.typed_yaml.num``);
 rules that involve several keys are checked in ``__post_init__``.
 """
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Literal
 
 from pipeline.config import DataConfig, load_recipe
 from pipeline.errors import UserError
-from pipeline.typed_yaml import PATH, from_dict, num
-from pipeline.typed_yaml import Override as _Override  # TEMP: the profile merge below switches to Override
+from pipeline.typed_yaml import PATH, Override, from_dict, num
 
 
 @dataclass
@@ -266,7 +265,7 @@ class Recipe:
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Load and validate a full recipe (see ``pipeline.config`` for the rules).
+    """Load and validate a full recipe (see ``pipeline.typed_yaml`` for the rules).
 
     A recipe may hold ``profiles:`` — per device type (``cpu``, ``cuda``, ``mps``), partial
     ``model:`` / ``train:`` sections applied when ``train.device`` resolves to that type
@@ -312,7 +311,7 @@ def _apply_profile(raw: dict, profiles, path) -> None:
 
     def merge(into: dict, extra: dict, where: str) -> None:
         for key, value in extra.items():
-            if isinstance(into.get(key), _Override):
+            if isinstance(into.get(key), Override):
                 continue  # typed on the command line: it wins
             if isinstance(value, dict) and isinstance(into.get(key), dict):
                 merge(into[key], value, f"{where}.{key}")

@@ -39,6 +39,8 @@ from lm.model import RNNLM
 from lm.precision import Precision
 from lm.runtime import release_free_memory, tune_allocator
 from pipeline.data import TokenDataset, read_manifest
+from pipeline.encode import Encoder
+from pipeline.sources import text_units
 from pipeline.errors import ArgumentParser, UserError, cli
 
 
@@ -91,17 +93,14 @@ def _text_of(path: Path) -> str:
 
 
 def encode_text(text: str, tokenizer_json: str, special_ids: dict, mode: str) -> TokenDataset:
-    """``text`` as rows of ``<bos> ids <eos>``: one per line (``line`` mode, blank lines
-    included, as ``pipeline.prepare`` does) or per blank-line separated paragraph."""
+    """``text`` as rows of ``<bos> ids <eos>``, cut and encoded as ``pipeline.prepare`` cuts
+    and encodes a file: one row per line (``line`` mode, blank lines included) or per
+    blank-line separated paragraph (``document``)."""
     from tokenizers import Tokenizer
 
-    if mode == "line":
-        units = text.splitlines()
-    else:
-        units = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
-    tok = Tokenizer.from_str(tokenizer_json)
-    bos, eos = special_ids["bos"], special_ids["eos"]
-    rows = [np.array([bos, *e.ids, eos], dtype=np.int64) for e in tok.encode_batch(units, add_special_tokens=False)]
+    units = text_units(text, "line" if mode == "line" else "document")
+    encoder = Encoder(Tokenizer.from_str(tokenizer_json), special_ids["bos"], special_ids["eos"])
+    rows = [np.array(row, dtype=np.int64) for row in encoder.encode(units)]
     if not rows:
         raise UserError("the text is empty: nothing to score")
     return TokenDataset.from_rows(rows, "file")

@@ -13,7 +13,6 @@ from typing import Literal
 
 from pipeline.errors import UserError
 from pipeline.typed_yaml import PATH, from_dict, num, read_recipe
-from pipeline.typed_yaml import to_dict  # noqa: F401  TEMP: lm/train.py and lm/batches.py switch to pipeline.typed_yaml
 
 
 SPLITS = ("train", "validation", "test")

@@ -37,8 +37,6 @@ from pipeline.sources import LocalSplit, load_splits, local_splits
 from pipeline.tokenizer import build_tokenizer, special_ids
 from pipeline.typed_yaml import to_dict
 
-_special_ids = special_ids  # TEMP: lm/batches.py (was lm/train.py) switches to pipeline.tokenizer.special_ids
-
 FORMAT_VERSION = 1
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "wikitext.yaml"
 

@@ -130,6 +130,22 @@ def check_hub(repo: str) -> None:
         raise UserError(f"cannot reach the Hugging Face hub ({host}: {e.strerror or e}) to load {repo}. {how}") from None
 
 
+def text_units(text: str, mode: str) -> list[str]:
+    """The rows :func:`load_splits` makes of a text file's contents, for text that is not in
+    a file (``lm.evaluate --file``): one per line (``mode="line"``, blank lines included)
+    or per ``\\n\\n``-separated paragraph (``"document"``, empty ones dropped).
+
+    Exactly what ``datasets``' text builder does: the file opened in text mode turns
+    ``\\r\\n`` and ``\\r`` into ``\\n`` (universal newlines), and only ``\\n`` ends a line —
+    not the other breaks ``str.splitlines`` knows (``\\x0c``, ``\\x85``, ``\\u2028``, ...).
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if mode == "line":
+        lines = text.split("\n")
+        return lines[:-1] if lines[-1] == "" else lines  # a final "\n" ends the last line, starts none
+    return [p for p in text.split("\n\n") if p]
+
+
 def load_splits(cfg: DataConfig, *, local: dict[str, LocalSplit] | None = None, cache_dir: Path | None = None,
                 streaming: bool = False) -> dict:
     """Each split of the source as a ``datasets`` dataset, read as ``cfg`` says.

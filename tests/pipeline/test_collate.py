@@ -271,11 +271,11 @@ def test_pin_memory_without_an_accelerator_returns_the_batch(batch, monkeypatch)
 
 def test_pin_memory_real_call_on_this_machine():
     """The real path, unpatched: pins where torch can, returns the batch where torch would raise."""
-    from pipeline.collate import _accelerator_available
-
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6; CUDA before
+    accelerator = acc.is_available() if acc is not None else torch.cuda.is_available()
     for batch in _batches():
         out = batch.pin_memory()
-        if _accelerator_available():
+        if accelerator:
             assert all(t.is_pinned() for name, t in _tensors(out).items() if name not in PIN_EXEMPT)
         else:
             with pytest.raises(RuntimeError):

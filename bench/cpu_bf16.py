@@ -2,7 +2,7 @@
 
 What the policy puts in bf16 on a CPU is the full-softmax output layer where it runs under
 autocast: evaluation and the scheduled-sampling step loop. Training with teacher forcing uses
-the fused fp32 output-layer-plus-loss (``_LinearCrossEntropy``) and the RNN stays fp32, so the
+the fused fp32 output-layer-plus-loss (``lm.losses.linear_cross_entropy_sum``) and the RNN stays fp32, so the
 training step is timed too, as a control. Real WikiText-2 batches (prepared data), a
 pytorch/examples-sized model (2 x 200 LSTM, 33,280 classes); rounds interleaved, medians.
 

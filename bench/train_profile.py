@@ -22,7 +22,7 @@ variants interleaved round by round; tokens/s are over the timed steps only:
                         unfused (logits + cross_entropy); its accuracy cost is measured
                         on the same batches: mean |NLL_bf16 - NLL_fp32| per token of the
                         forward pass, and the gap in training loss after the timed steps
-    eval                validation batches scored as ``lm.train.evaluate`` does (forward
+    eval                validation batches scored as ``lm.evaluate.evaluate`` does (forward
                         only, chunked full softmax), tuned or not; its time is in ``out``
 
 ``--profile`` prints torch.profiler's top operators for the tuned fp32 step.
@@ -153,7 +153,7 @@ def worker(cfg: dict) -> dict:
 
 
 def _eval(cfg: dict, model_cls) -> dict:
-    """Validation the way ``lm.train.evaluate`` scores it (chunked full softmax, no grad)."""
+    """Validation the way ``lm.evaluate.evaluate`` scores it (chunked full softmax, no grad)."""
     import torch
 
     from pipeline.data import TokenDataset, make_loader

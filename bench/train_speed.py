@@ -46,7 +46,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
@@ -145,6 +144,8 @@ def ours(data: Path, prepared: Path, seconds: float, max_tokens: int, extra: lis
                f"data.output={prepared}", f"train.output_dir={tmp}", f"train.max_time={seconds}",
                f"train.max_tokens={max_tokens}", *SAME_MODEL, *extra]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(env))
+        import psutil  # the bench extra (pip install -e .[bench]); only this side needs it
+
         ps = psutil.Process(proc.pid)
         seen, first, last = 0, None, None  # (CPU times, records written) at the first / latest new record
         # the step checkpoint is written the moment training stops; validation would follow

@@ -46,7 +46,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 from common import prepared_dir  # noqa: E402  (bench/common.py: run as python bench/NAME.py)
 ANCHOR = ROOT.parent / "shared" / "anchors" / "ptex_like.py"

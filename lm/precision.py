@@ -64,7 +64,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["Amp", "CUDNN_BF16_RNN", "Precision", "choose", "for_device", "normalize"]
+__all__ = ["Amp", "CUDNN_BF16_RNN", "Precision", "choose", "cpu_has_bf16", "for_device", "normalize"]
 
 Amp = Literal["auto", "off", "bf16", "fp16"]
 AMP_CHOICES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
@@ -160,7 +160,22 @@ class Precision:
         return model
 
 
-def choose(amp: str | bool, device_type: str, cudnn_version: int | None) -> Precision:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (x86: AVX-512 BF16 or AMX; elsewhere what oneDNN
+    reports). Without it oneDNN emulates bf16 GEMMs, slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        if hasattr(cpu, "_is_avx512_bf16_supported"):  # an x86 build of torch
+            if cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported():
+                return True
+            if cpu._is_avx2_supported():  # x86 without bf16 instructions
+                return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older torch, or a build without oneDNN
+        return False
+
+
+def choose(amp: str | bool, device_type: str, cudnn_version: int | None, cpu_bf16: bool = True) -> Precision:
     """The precision policy for ``train.amp`` on a device type: a pure function.
 
     Args:
@@ -168,6 +183,8 @@ def choose(amp: str | bool, device_type: str, cudnn_version: int | None) -> Prec
         device_type: ``cuda``, ``cpu`` or ``mps``.
         cudnn_version: ``torch.backends.cudnn.version()`` (e.g. 91300), ``None`` when
             cuDNN is absent or disabled; read only for CUDA.
+        cpu_bf16: whether the CPU has bf16 arithmetic (:func:`cpu_has_bf16`); read only for
+            ``bf16`` on a CPU, which falls back to fp32 without it (the description says so).
 
     Returns:
         The :class:`Precision` to use.
@@ -185,6 +202,10 @@ def choose(amp: str | bool, device_type: str, cudnn_version: int | None) -> Prec
     if device_type == "cpu":
         if amp == "fp16":
             raise ValueError("amp=fp16 is for CUDA; on a CPU use bf16 (AVX-512 BF16 / AMX) or off")
+        if not cpu_bf16:
+            return Precision("cpu", None, f32, False, False,
+                             "precision: fp32 throughout on cpu: train.amp=bf16 asked for, but this CPU has no bf16 "
+                             "arithmetic (AVX-512 BF16 / AMX), where bf16 would be emulated and slower")
         return Precision("cpu", torch.bfloat16, f32, False, False,
                          "precision: output layer in bf16 (fused training GEMMs, autocast elsewhere), RNN in fp32, no loss scaling")
     if device_type != "cuda":
@@ -204,12 +225,14 @@ def choose(amp: str | bool, device_type: str, cudnn_version: int | None) -> Prec
 
 
 def for_device(amp: str | bool, device: torch.device | str) -> Precision:
-    """:func:`choose` for a live device: reads the cuDNN version torch would use."""
+    """:func:`choose` for a live device: reads the cuDNN version torch would use, and on a
+    CPU asked for bf16 whether it has bf16 arithmetic."""
     device_type = torch.device(device).type
     cudnn_version = None
     if device_type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
         cudnn_version = torch.backends.cudnn.version()
-    return choose(amp, device_type, cudnn_version)
+    cpu_bf16 = device_type == "cpu" and normalize(amp) == "bf16" and cpu_has_bf16()
+    return choose(amp, device_type, cudnn_version, cpu_bf16=cpu_bf16 or device_type != "cpu")
 
 
 # ------------------------------------------------------------------ output layer under autocast

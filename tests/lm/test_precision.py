@@ -67,7 +67,23 @@ def test_policy_refuses(amp, device, match):
 
 
 def test_for_device_on_cpu_reads_no_cudnn():
-    assert choose("bf16", "cpu", None) == precision.for_device("bf16", torch.device("cpu"))
+    assert choose("bf16", "cpu", None, cpu_bf16=precision.cpu_has_bf16()) == precision.for_device("bf16", "cpu")
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_fp32_with_a_note(monkeypatch):
+    """Never an error: the run goes on in fp32, and the start-of-run line says why."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    policy = precision.for_device("bf16", "cpu")
+    assert (policy.dtype, policy.rnn_dtype, policy.scaler, policy.tf32) == (None, torch.float32, False, False)
+    assert "\n" not in policy.description  # one line at the start of the run
+    assert policy.description.startswith("precision: fp32 throughout on cpu: train.amp=bf16 asked for, but this CPU "
+                                         "has no bf16 arithmetic")
+    model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]))
+    policy.apply(model)
+    assert [type(m) for m in model] == [nn.LSTM, nn.AdaptiveLogSoftmaxWithLoss]  # nothing swapped
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.for_device("bf16", "cpu").dtype == torch.bfloat16
+    assert precision.for_device("off", "cpu").dtype is None
 
 
 @pytest.mark.filterwarnings("ignore:.*GradScaler is enabled, but CUDA is not available:UserWarning")

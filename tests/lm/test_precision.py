@@ -164,15 +164,24 @@ def test_apply_without_autocast_changes_nothing():
     assert [type(m) for m in model] == [nn.LSTM, nn.AdaptiveLogSoftmaxWithLoss, nn.Linear]
 
 
+@pytest.fixture
+def tf32_off():
+    """The global TF32 flags off for the test, put back after. Not monkeypatch: from pytest
+    9.2 its undo deletes an attribute it did not find in the object's ``__dict__``, and
+    torch's ``cuBLASModule`` serves ``allow_tf32`` from ``__getattr__`` (and cannot delete it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("amp, device, adaptive, inner", [
     ("bf16", "cuda", precision.BF16AdaptiveLogSoftmaxWithLoss, precision.BF16Linear),
     ("fp16", "cuda", precision.FP16AdaptiveLogSoftmaxWithLoss, precision.FP16Linear),
     ("bf16", "cpu", precision.FP32AdaptiveLogSoftmaxWithLoss, precision.BF16LinearFP32Out),  # CPU: fp32 softmax
 ])
-def test_apply_swaps_the_right_modules(amp, device, adaptive, inner, monkeypatch):
+def test_apply_swaps_the_right_modules(amp, device, adaptive, inner, tf32_off):
     """(On CPU tensors: which classes each policy installs, and its TF32 flags.)"""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = nn.Sequential(nn.LSTM(4, 4), nn.AdaptiveLogSoftmaxWithLoss(4, 20, [5]))
     choose(amp, device, 90100).apply(model)
     assert [type(m) for m in model] == [nn.LSTM, adaptive]

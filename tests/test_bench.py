@@ -44,8 +44,17 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_tmpdir(tmp_path_factory):
+    """The benches cache prepared copies under $TMPDIR (bench/common.py): here, under pytest's
+    temporary folder, so test runs leave nothing behind in /tmp."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmpdir")))
+        yield
+
+
 def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": os.environ.get("TMPDIR", "/tmp"),
+    return {**os.environ, "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 

@@ -231,8 +231,8 @@ def for_device(amp: str | bool, device: torch.device | str) -> Precision:
     cudnn_version = None
     if device_type == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
         cudnn_version = torch.backends.cudnn.version()
-    cpu_bf16 = device_type == "cpu" and normalize(amp) == "bf16" and cpu_has_bf16()
-    return choose(amp, device_type, cudnn_version, cpu_bf16=cpu_bf16 or device_type != "cpu")
+    cpu_bf16 = device_type != "cpu" or normalize(amp) != "bf16" or cpu_has_bf16()  # probed only when it matters
+    return choose(amp, device_type, cudnn_version, cpu_bf16=cpu_bf16)
 
 
 # ------------------------------------------------------------------ output layer under autocast

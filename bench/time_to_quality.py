@@ -15,6 +15,10 @@ Both perplexities are exp(NLL / tokens) over the same 217,646 validation tokens
 
 Usage:
     python bench/time_to_quality.py [--data ../shared/data/wikitext-2] [--minutes 20] [--only ours|theirs]
+
+Quality per CPU minute (RESULTS.md): our run alone at several budgets, one after the other,
+each kept in ``DIR/cpu_<M>min`` for ``bench/results.py --per-minute``:
+    python bench/time_to_quality.py --only ours --minutes 5 10 20 40 --keep runs/cpu_minutes
 """
 from __future__ import annotations
 
@@ -108,13 +112,17 @@ def theirs(data_dir: Path, seconds: float) -> dict:
     return {"val_ppl": math.exp(best), "steps": steps, "epochs_started": epochs, "train_seconds": round(spent, 1)}
 
 
-def ours(data_dir: Path, seconds: float, extra: list[str]) -> dict:
+def ours(data_dir: Path, seconds: float, extra: list[str], keep: Path | None = None) -> dict:
+    """One ``lm.train`` run of the shipped recipe for ``seconds``; its folder is kept at ``keep``
+    (its ``result.json`` records the command) or thrown away."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "lm.train", str(ROOT / "recipes" / "wikitext.yaml"), f"data.source.dir={data_dir}",
-               f"data.output={prepared_dir(data_dir)}", f"train.output_dir={tmp}",
-               f"train.max_time={seconds}", "train.plot=false", *extra]
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result = json.loads((Path(tmp) / "result.json").read_text())
+        out = keep.resolve() if keep else Path(tmp)
+        cmd = ["python", "-m", "lm.train", "recipes/wikitext.yaml", f"data.source.dir={data_dir}",
+               f"data.output={prepared_dir(data_dir)}", f"train.output_dir={out}",
+               f"train.max_time={seconds:g}", "train.plot=false", *extra]
+        subprocess.run([sys.executable, *cmd[1:]], check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        result = json.loads((out / "result.json").read_text())
     return {"val_ppl": result["best_val_ppl"], "test_ppl": result.get("test_ppl"), "steps": result["steps"],
             "tokens": result["tokens"], "train_seconds": result["train_seconds"]}
 
@@ -122,17 +130,22 @@ def ours(data_dir: Path, seconds: float, extra: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2")
-    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--minutes", type=float, nargs="+", default=[20], help="one run per budget, in this order")
     ap.add_argument("--only", choices=["ours", "theirs"])
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for our run")
+    ap.add_argument("--keep", type=Path, help="keep our runs in KEEP/cpu_<M>min (for bench/results.py --per-minute)")
     args = ap.parse_args()
     if not (args.data / "train.txt").is_file():
         sys.exit(f"no WikiText-2 at {args.data} (expected train.txt): pass --data")
-    seconds = args.minutes * 60
-    if args.only != "ours":
-        print(f"pytorch/examples default, {args.minutes:g} min: {json.dumps(theirs(args.data, seconds))}", flush=True)
-    if args.only != "theirs":
-        print(f"lm.train recipes/wikitext.yaml (CPU profile), {args.minutes:g} min: {json.dumps(ours(args.data, seconds, args.extra))}", flush=True)
+    if args.keep and args.only != "ours":
+        sys.exit("--keep keeps our runs only: pass --only ours")
+    for minutes in args.minutes:
+        if args.only != "ours":
+            print(f"pytorch/examples default, {minutes:g} min: {json.dumps(theirs(args.data, minutes * 60))}", flush=True)
+        if args.only != "theirs":
+            keep = args.keep / f"cpu_{minutes:g}min" if args.keep else None
+            res = ours(args.data, minutes * 60, args.extra, keep)
+            print(f"lm.train recipes/wikitext.yaml (CPU profile), {minutes:g} min: {json.dumps(res)}", flush=True)
 
 
 if __name__ == "__main__":

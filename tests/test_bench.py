@@ -125,14 +125,19 @@ def test_time_to_quality_and_results(corpus, tmp_path):
     """Our side of time_to_quality (a few seconds of the CPU profile), then RESULTS.md rows
     from a finished run (bench/results.py reads what lm.train writes in result.json)."""
     out = bench("bench/time_to_quality.py", "--data", str(corpus), "--minutes", "0.05", "--only", "ours",
+                "--keep", str(tmp_path / "keep"),
                 "--extra", "train.device=cpu", "train.prompts=[]", "model.adaptive_cutoffs=[8, 16]")  # 33 ids
     result = json.loads(out.split("(CPU profile), 0.05 min: ", 1)[1].splitlines()[0])
     assert result["val_ppl"] > 1 and result["steps"] > 0
+    kept = tmp_path / "keep" / "cpu_0.05min"
+    assert json.loads((kept / "result.json").read_text())["best_val_ppl"] == result["val_ppl"]
     run = tmp_path / "run"
     bench("-m", "lm.train", "recipes/tiny.yaml", f"data.source.dir={corpus}", f"data.output={tmp_path / 'data'}",
           f"train.output_dir={run}", "train.max_steps=2", "train.eval_every=null", "train.plot=false", "train.prompts=[]")
-    out = bench("bench/results.py", str(run))
+    out = bench("bench/results.py", str(run), "--per-minute", str(kept))
     assert re.search(r"^\| `recipes/tiny\.yaml` \| sequence \| [\d.]+ \([\d,]+\) \|", out, re.M)
+    assert re.search(rf"^\| 0\.05 min \| {result['val_ppl']:.2f} \(", out, re.M)
+    assert "train.max_time=3 " in out  # the kept run's own command
 
 
 @pytest.mark.parametrize("name", ["train_speed", "train_memory", "ptex_protocol", "time_to_quality", "results",

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  (its reference, in the same bench run: `{r['anchor']['command']}`{bench})")
         missing = sorted(set(REFERENCES) - {Path(r["recipe"]).name for r in rows})
         if missing:
-            print("\nRecipes with a published reference and no run here yet: "
+            print("\nRecipes with a published reference and no run in this table: "
                   + ", ".join(f"`recipes/{m}` ({REFERENCES[m][0]}: {REFERENCES[m][1]} / {REFERENCES[m][2]})"
                               for m in missing) + ".")
     if budget:

@@ -1,7 +1,8 @@
 """CPU time-to-quality on WikiText-2: validation perplexity after a fixed training time.
 
 Two runs, one after the other on the same machine, each given the same wall-clock budget
-of training (evaluation not counted):
+(pytorch/examples' per-epoch validation is outside its budget; ours counts its validation,
+as ``train.max_time`` does, so the comparison leans towards theirs):
 
 * pytorch/examples' word_language_model default run (2-layer LSTM 200/200, dropout 0.2,
   batch 20, bptt 35, SGD lr 20 annealed /4 on a validation plateau each epoch, clip 0.25;

@@ -122,7 +122,7 @@ def test_command_line_wins_over_the_profile_and_the_profile_over_the_recipe():
     wikitext = REPO_ROOT / "recipes" / "wikitext.yaml"
     on_cpu = load(wikitext, ["train.device=cpu", "train.max_time=60"])
     assert (on_cpu.train.mode, on_cpu.train.batch_size, on_cpu.train.bptt) == ("stream", 32, 35)  # the profile's
-    assert (on_cpu.model.hidden_size, on_cpu.train.max_time) == (256, 60.0)  # the profile's, the command line's
+    assert (on_cpu.model.hidden_size, on_cpu.train.max_time) == (512, 60.0)  # the profile's, the command line's
     lines = load(wikitext, ["train.device=cpu", "train.mode=sequence", "train.batch_size=null", "train.max_tokens=4096"])
     assert (lines.train.mode, lines.train.batch_size, lines.train.max_tokens) == ("sequence", None, 4096)
     on_gpu = load(wikitext, ["train.device=cuda"])
